@@ -1,0 +1,134 @@
+"""Checkpoints: DeepSpeed state + run state, a manifest per rank, verified before any load.
+
+Layout of one checkpoint directory (the per-rank parts are merged by Ray Train's upload):
+    state.json                 step, data position, world size, ZeRO stage, batch plan
+    manifest.rank{R}.json      every file rank R wrote, with size and sha256
+    ds/                        DeepSpeed's own files for tag "ds"
+A checkpoint at another world size is converted once to DeepSpeed's universal format
+(`ds_to_universal`) and loaded with `load_universal`, which keeps the optimizer state.
+Nothing here unpickles arbitrary objects: DeepSpeed's own loader reads its files, and our state
+is JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TAG = "ds"
+STATE_FILE = "state.json"
+MANIFEST_RE = re.compile(r"manifest\.rank(\d+)\.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is partial, corrupted or missing a shard."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(ckpt_dir: Path, rank: int) -> None:
+    files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and not MANIFEST_RE.match(p.name))
+    entries = {str(p.relative_to(ckpt_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+               for p in files}
+    tmp = ckpt_dir / f".manifest.rank{rank}.tmp"
+    tmp.write_text(json.dumps({"rank": rank, "files": entries}, indent=1))
+    tmp.replace(ckpt_dir / f"manifest.rank{rank}.json")
+
+
+def save_rank_checkpoint(engine: Any, ckpt_dir: Path, rank: int, state: dict[str, Any] | None
+                         ) -> None:
+    """Every rank saves its DeepSpeed shard into its own local dir; rank 0 adds state.json."""
+    engine.save_checkpoint(str(ckpt_dir), tag=TAG,
+                           client_state={"universal_checkpoint_info": {}})
+    if rank == 0 and state is not None:
+        (ckpt_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+    write_manifest(ckpt_dir, rank)
+
+
+@dataclass(frozen=True)
+class VerifiedCheckpoint:
+    path: Path
+    state: dict[str, Any]
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> VerifiedCheckpoint:
+    """Check state.json and every rank's manifest (sizes and checksums); raise on any gap."""
+    path = Path(ckpt_dir)
+    state_file = path / STATE_FILE
+    if not state_file.exists():
+        raise CheckpointError(f"{path}: missing {STATE_FILE}")
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: {STATE_FILE} is corrupted ({error})") from None
+    world_size = int(state["world_size"])
+    for rank in range(world_size):
+        manifest_file = path / f"manifest.rank{rank}.json"
+        if not manifest_file.exists():
+            raise CheckpointError(f"{path}: missing shard manifest of rank {rank}")
+        manifest = json.loads(manifest_file.read_text())
+        for rel, meta in manifest["files"].items():
+            f = path / rel
+            if not f.exists():
+                raise CheckpointError(f"{path}: rank {rank} file {rel} is missing")
+            if f.stat().st_size != meta["bytes"]:
+                raise CheckpointError(
+                    f"{path}: {rel} has {f.stat().st_size} bytes, manifest says {meta['bytes']}")
+            if _sha256(f) != meta["sha256"]:
+                raise CheckpointError(f"{path}: {rel} checksum mismatch")
+    return VerifiedCheckpoint(path, state)
+
+
+def find_latest_valid(storage_dir: str | Path, log: Any = None) -> VerifiedCheckpoint | None:
+    """Newest checkpoint (by step) under a Ray Train run dir that verifies; skips bad ones."""
+    root = Path(storage_dir)
+    if not root.exists():
+        return None
+    candidates = []
+    for ckpt in root.glob("checkpoint_*"):
+        try:
+            step = json.loads((ckpt / STATE_FILE).read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            step = -1
+        candidates.append((step, ckpt.name, ckpt))
+    for _, _, ckpt in sorted(candidates, reverse=True):
+        try:
+            return verify_checkpoint(ckpt)
+        except CheckpointError as error:
+            if log is not None:
+                log(f"skipping invalid checkpoint: {error}")
+    return None
+
+
+def needs_universal(state: dict[str, Any], world_size: int) -> bool:
+    return int(state["zero_stage"]) > 0 and int(state["world_size"]) != world_size
+
+
+def to_universal(ckpt_dir: Path, work_dir: Path | None = None) -> Path:
+    """Convert the DeepSpeed tag to universal format in a local dir; returns the load dir."""
+    out = Path(work_dir or tempfile.mkdtemp(prefix="eft_universal_"))
+    universal_tag = f"{TAG}_universal"
+    if (out / universal_tag).exists():
+        shutil.rmtree(out / universal_tag)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(ckpt_dir / TAG), "--output_folder", str(out / universal_tag),
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CheckpointError(f"ds_to_universal failed on {ckpt_dir}: {done.stderr[-2000:]}")
+    (out / "latest_universal").write_text(universal_tag)
+    return out

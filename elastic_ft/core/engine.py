@@ -1,0 +1,71 @@
+"""Build the DeepSpeed engine for one worker from the run config and its batch plan."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from elastic_ft.config import RunConfig
+from elastic_ft.resources.policy import BatchPlan
+
+
+def deepspeed_config(cfg: RunConfig, plan: BatchPlan, load_universal: bool) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        # Export needs full weights on rank 0; the gather happens once, at the end.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    return {
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.global_batch,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 12},
+        # A plain torch optimizer under ZeRO-Offload is fine and skips a 50 s JIT compile.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": load_universal},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    warmup, schedule = cfg.optim.warmup_steps, cfg.optim.schedule
+
+    def scale(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return scale
+
+
+def build_engine(cfg: RunConfig, model: Any, plan: BatchPlan, total_steps: int,
+                 load_universal: bool) -> tuple[Any, Any]:
+    import deepspeed
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.optim.lr * plan.lr_scale
+    if cfg.optim.name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.optim.betas,
+                                      weight_decay=cfg.optim.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, plan, load_universal), dist_init_required=False)
+    return engine, scheduler

@@ -1,0 +1,153 @@
+"""Memory model: peak bytes per worker from `config.json` alone (meta-device shapes, no weights).
+
+Model states follow the ZeRO paper (Rajbhandari et al. 2020): mixed-precision Adam keeps
+2 (fp16 params) + 2 (fp16 grads) + K=12 (fp32 master, momentum, variance) bytes per parameter,
+partitioned by stage over N workers. `fp32_grad_partition=True` adds the 4-byte fp32 gradient
+partition DeepSpeed really allocates (its estimators count it). Activations follow Korthikanti
+et al. 2022, written out for Llama blocks (GQA attention, SwiGLU MLP), plus the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    total_params: int
+    largest_layer_params: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    lora_params: int = 0
+
+
+def shape_from_config(config: Any, lora_r: int = 0, lora_targets: tuple[str, ...] = ()) -> ModelShape:
+    """Parameter counts by instantiating the architecture on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    lora = 0
+    if lora_r:
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in lora_targets:
+                lora += lora_r * (module.in_features + module.out_features)
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    return ModelShape(total, largest, hidden, getattr(config, "intermediate_size", 4 * hidden),
+                      config.num_hidden_layers, heads,
+                      getattr(config, "num_key_value_heads", None) or heads, config.vocab_size, lora)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    overhead_bytes: int
+    cpu_offload_bytes: int
+
+    @property
+    def model_states_bytes(self) -> int:
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.model_states_bytes + self.activations_bytes + self.overhead_bytes
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(asdict(self), model_states_bytes=self.model_states_bytes,
+                    total_bytes=self.total_bytes)
+
+
+def zero_model_states(params: int, stage: int, world: int, mixed: bool = True,
+                      fp32_grad_partition: bool = False) -> tuple[float, float, float]:
+    """(params, grads, optimizer) bytes per worker for full fine-tuning with Adam."""
+    p_bytes, g_bytes = (2, 2) if mixed else (4, 4)
+    k = (12 if mixed else 8) + (4 if fp32_grad_partition and mixed and stage >= 2 else 0)
+    p, g, o = p_bytes * params, g_bytes * params, k * params
+    if stage >= 1:
+        o /= world
+    if stage >= 2:
+        g /= world
+    if stage >= 3:
+        p /= world
+    return p, g, o
+
+
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, act_bytes: int,
+                     checkpointing: bool, attn: str) -> int:
+    """Saved activations of one micro-batch at the backward's peak."""
+    sb = micro_batch * seq_len
+    h, i = shape.hidden, shape.intermediate
+    kv = h * shape.kv_heads // shape.heads
+    attn_layer = act_bytes * sb * (h + h + (h + 2 * kv) + h + h)
+    if attn == "eager":  # scores and softmax kept: the 5as/h term of Korthikanti et al.
+        attn_layer += 2 * act_bytes * micro_batch * shape.heads * seq_len * seq_len
+    mlp_layer = act_bytes * sb * (2 * h + 4 * i)
+    norms = 4 * sb * h * 2  # RMSNorm upcasts to fp32
+    per_layer = attn_layer + mlp_layer + norms
+    logits = sb * shape.vocab * (act_bytes + 4 + 4)  # logits, fp32 upcast, its gradient
+    if checkpointing:
+        return shape.layers * act_bytes * sb * h + per_layer + logits
+    return shape.layers * per_layer + logits
+
+
+def estimate_memory(shape: ModelShape, method: str, zero_stage: int, world: int,
+                    micro_batch: int, seq_len: int, precision: str = "bf16",
+                    checkpointing: bool = False, offload_optimizer: bool = False,
+                    offload_params: bool = False, attn: str = "sdpa") -> MemoryEstimate:
+    """Per-worker device memory for one configuration (CPU bytes reported separately)."""
+    mixed = precision != "fp32"
+    act = DTYPE_BYTES[precision]
+    if method == "full":
+        trainable, frozen_bytes = shape.total_params, 0.0
+    else:
+        trainable = shape.lora_params
+        base_bytes = 0.55 if method == "qlora" else act  # nf4 + double-quant constants
+        frozen_bytes = shape.total_params * base_bytes / (world if zero_stage == 3 else 1)
+    p, g, o = zero_model_states(trainable, zero_stage, world, mixed, fp32_grad_partition=True)
+    cpu = 0.0
+    if offload_optimizer:
+        cpu += o + (g if zero_stage >= 2 else 0)
+        o, g = 0.0, (0.0 if zero_stage >= 2 else g)
+    if offload_params:
+        cpu += p + frozen_bytes
+        p, frozen_bytes = 0.0, 0.0
+    overhead = 0.0
+    if zero_stage == 3:
+        overhead += 2 * shape.largest_layer_params * act  # gathered layer + prefetch
+    if zero_stage in (1, 2):
+        overhead += 2 * min(trainable, 5 * 10**8) * (2 if mixed else 4) / max(1, world)
+    return MemoryEstimate(
+        params_bytes=int(p + frozen_bytes), grads_bytes=int(g), optimizer_bytes=int(o),
+        activations_bytes=activation_bytes(shape, micro_batch, seq_len, act, checkpointing, attn),
+        overhead_bytes=int(overhead), cpu_offload_bytes=int(cpu))
+
+
+def max_micro_batch(shape: ModelShape, budget_bytes: int, limit: int = 1024, **kwargs: Any) -> int:
+    """Largest micro-batch whose estimate fits `budget_bytes` (0 when even 1 does not)."""
+    best = 0
+    m = 1
+    while m <= limit and estimate_memory(shape, micro_batch=m, **kwargs).total_bytes <= budget_bytes:
+        best, m = m, m * 2
+    lo, hi = best, min(limit, m)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if estimate_memory(shape, micro_batch=mid, **kwargs).total_bytes <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return lo

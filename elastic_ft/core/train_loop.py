@@ -1,0 +1,251 @@
+"""The per-worker recipe under Ray Train: plan -> model -> engine -> resume -> steps -> save.
+
+Loss normalisation: each micro-batch returns its summed token loss divided by
+N / (W * a), where N is the trainable-token count of the whole global batch. DeepSpeed divides
+by `a` and averages over W ranks, so every step minimises the mean over all N tokens whatever
+the split: resizing the group changes the schedule, not the trajectory.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from elastic_ft.config import RunConfig
+from elastic_ft.core.checkpoint import needs_universal, save_rank_checkpoint, to_universal, TAG
+from elastic_ft.data.prepared import DataPosition, PreparedData, rank_slots
+
+_SIGTERM = {"received": False}
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _SIGTERM["received"] = True  # checkpoint at the next step boundary
+
+
+def peak_mem_bytes() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    import deepspeed  # noqa: F401  (imported before torch work so its accelerator is chosen once)
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from elastic_ft.core.engine import build_engine
+    from elastic_ft.core.model import load_model
+
+    cfg = RunConfig.model_validate(config["run"])
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    controller = config["controller"]
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # Ray Train runs this function off the main thread: no handler there
+        pass
+    torch.manual_seed(cfg.train.seed)
+    data = PreparedData(ray.get(config["blocks_ref"]))
+    total_steps: int = config["total_steps"]
+
+    node_ids = [None] * world
+    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    plan = ray.get(controller.plan.remote(world, node_ids)) if rank == 0 else None
+    box = [plan]
+    dist.broadcast_object_list(box, src=0)
+    plan = box[0]
+    m, a, g = plan["micro_batch"], plan["grad_accum"], plan["global_batch"]
+
+    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
+    state: dict[str, Any] | None = None
+    ckpt_dir: Path | None = None
+    ckpt_ctx = checkpoint.as_directory() if checkpoint is not None else None
+    if ckpt_ctx is not None:
+        ckpt_dir = Path(ckpt_ctx.__enter__())
+        import json
+
+        state = json.loads((ckpt_dir / "state.json").read_text())
+    universal = state is not None and needs_universal(state, world)
+
+    from elastic_ft.core.model import trainable_parameters
+
+    model = load_model(cfg)
+    engine, scheduler = build_engine(cfg, model, _plan_obj(plan), total_steps, universal)
+    step, position = 0, DataPosition()
+    if state is not None and ckpt_dir is not None:
+        t0 = time.time()
+        load_dir, tag = (to_universal(ckpt_dir), f"{TAG}_universal") if universal else (ckpt_dir, TAG)
+        engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                               load_lr_scheduler_states=True)
+        step, position = int(state["step"]), DataPosition(**state["position"])
+        if rank == 0:
+            controller.record.remote("resume", {
+                "step": step, "world_size": world, "from_world_size": state["world_size"],
+                "universal": universal, "load_s": round(time.time() - t0, 3),
+                "position": position.to_dict()})
+    if ckpt_ctx is not None:
+        ckpt_ctx.__exit__(None, None, None)
+    if rank == 0:
+        trainable, total = trainable_parameters(engine.module)
+        controller.record.remote("start", {"world_size": world, "step": step, "plan": plan,
+                                           "trainable_params": trainable, "total_params": total})
+
+    device = engine.device
+    pending_poll = controller.poll.remote() if rank == 0 else None
+    t_start, tokens_done, t_last = time.time(), 0, time.time()
+    log_sample_ids = cfg.train.log_sample_ids
+    while step < total_steps:
+        t_step = time.time()
+        indices, next_position = data.global_batch(position, g, cfg.train.seed, cfg.data.shuffle)
+        n_trainable = max(1, data.trainable_tokens(indices))
+        loss_sum = 0.0
+        real_tokens = 0
+        t_data = 0.0
+        for slot in rank_slots(indices, world, rank, m, a):
+            t_d = time.time()
+            batch = {k: v.to(device) for k, v in data.batch(slot).items()}
+            t_data += time.time() - t_d
+            real_tokens += int((batch["labels"] != -100).sum())
+            out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         labels=batch["labels"],
+                         num_items_in_batch=torch.tensor(n_trainable / (world * a), device=device))
+            engine.backward(out.loss)
+            engine.step()
+            loss_sum += float(out.loss.detach())
+        totals = torch.tensor([loss_sum, float(real_tokens)])
+        dist.all_reduce(totals)
+        step += 1
+        position = next_position
+        step_loss = totals[0].item() / (world * a)
+        tokens_done += int(totals[1].item())
+        now = time.time()
+
+        request = None
+        if rank == 0:
+            ready, _ = ray.wait([pending_poll], timeout=0)
+            if ready:
+                request = ray.get(pending_poll)
+                pending_poll = controller.poll.remote()
+        box = [request]
+        dist.broadcast_object_list(box, src=0)
+        request = box[0]
+        sigterm = _any_rank(_SIGTERM["received"])
+        if sigterm and request is None:
+            request = {"kind": "sigterm", "restart": True, "reason": "SIGTERM"}
+
+        metrics = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                   "tokens": tokens_done, "step_s": now - t_step, "data_wait_s": t_data,
+                   "tokens_per_s": totals[1].item() / max(1e-9, now - t_step),
+                   "peak_mem_bytes": peak_mem_bytes(), "world_size": world,
+                   "epoch": position.epoch}
+        if rank == 0:
+            controller.metrics.remote(dict(metrics, t=now, trained_real_tokens=int(totals[1].item()),
+                                           sample_ids=data.sample_ids(indices)
+                                           if log_sample_ids else None))
+            if now - t_last > 1.0 or step == total_steps or step == 1:
+                eta = (now - t_start) / max(1, step - int(state["step"] if state else 0)) * (
+                    total_steps - step)
+                print(f"[elastic_ft] step {step}/{total_steps} loss {step_loss:.4f} "
+                      f"tok/s {metrics['tokens_per_s']:.0f} world {world} ETA {eta:.0f}s",
+                      flush=True)
+                t_last = now
+
+        periodic = step % cfg.checkpoint.every_steps == 0 or step == total_steps
+        if periodic or request is not None:
+            t_ckpt = time.time()
+            _save_and_report(engine, cfg, metrics, step, position, world, rank, plan, controller)
+            if rank == 0 and request is not None:
+                controller.ack.remote(step, request["kind"], time.time() - t_ckpt)
+            if request is not None and request.get("restart") and step < total_steps:
+                _wait_for_restart(cfg, request)
+        else:
+            ray.train.report(metrics)
+
+    all_peaks = [0] * world
+    dist.all_gather_object(all_peaks, peak_mem_bytes())
+    _save_final(engine, cfg, rank)
+    if rank == 0:
+        controller.record.remote("end", {"step": step, "world_size": world,
+                                         "peak_mem_bytes": all_peaks,
+                                         "wall_s": round(time.time() - t_start, 3)})
+
+
+def _plan_obj(plan: dict[str, Any]):
+    from elastic_ft.resources.policy import BatchPlan
+
+    fields = {k: plan[k] for k in BatchPlan.__dataclass_fields__}
+    return BatchPlan(**fields)
+
+
+def _save_and_report(engine: Any, cfg: RunConfig, metrics: dict[str, Any], step: int,
+                     position: DataPosition, world: int, rank: int, plan: dict[str, Any],
+                     controller: Any) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    state = {"step": step, "position": position.to_dict(), "world_size": world,
+             "zero_stage": cfg.deepspeed.zero_stage, "method": cfg.method.kind, "plan": plan,
+             "saved_at": time.time()}
+    with tempfile.TemporaryDirectory(prefix="eft_ckpt_") as tmp:
+        save_rank_checkpoint(engine, Path(tmp), rank, state if rank == 0 else None)
+        t0 = time.time()
+        ray.train.report(dict(metrics, checkpoint_step=step),
+                         checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+    if rank == 0:
+        controller.record.remote("checkpoint", {"step": step, "world_size": world,
+                                                "position": position.to_dict(),
+                                                "seconds": round(time.time() - t0, 3)})
+
+
+def _wait_for_restart(cfg: RunConfig, request: dict[str, Any]) -> None:
+    """After a just-in-time checkpoint for a resize, idle until Ray Train restarts the group.
+
+    Steps trained now would be lost at the restart; if it never comes (the new node did not
+    fit a worker after all), training simply continues.
+    """
+    if request.get("kind") == "memory":
+        raise RuntimeError("elastic_ft: re-planning micro-batch after memory pressure")
+    deadline = time.time() + cfg.workers.resize_interval_s * 2 + cfg.workers.start_timeout_s
+    while time.time() < deadline:
+        time.sleep(0.5)
+    _SIGTERM["received"] = False
+
+
+def _save_final(engine: Any, cfg: RunConfig, rank: int) -> None:
+    """Adapter (LoRA) or full weights to OUTPUT/final, gathered across ZeRO-3 shards."""
+    if cfg.deepspeed.zero_stage == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    out = Path(cfg.output_dir) / "final"
+    out.mkdir(parents=True, exist_ok=True)
+    module = engine.module
+    if cfg.method.kind in ("lora", "qlora"):
+        from peft import get_peft_model_state_dict
+
+        module.save_pretrained(str(out), state_dict=get_peft_model_state_dict(
+            module, state_dict=state_dict))
+    else:
+        module.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
+    os.sync()

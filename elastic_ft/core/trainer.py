@@ -1,0 +1,180 @@
+"""The driver: config -> data -> controller -> Ray Train fit -> summary and export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from elastic_ft.config import RunConfig
+from elastic_ft.core.checkpoint import find_latest_valid
+from elastic_ft.core.model import tokenizer_path
+from elastic_ft.events import EventLog, read_events, redact
+
+RUN_NAME = "train"
+
+
+def ensure_ray(num_cpus: int | None = None) -> bool:
+    """Connect to RAY_ADDRESS, or start an embedded local Ray (dashboard on 127.0.0.1).
+
+    Returns True when this call started Ray (the caller then shuts it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=True,
+                 log_to_driver=True)
+    return True
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def resolve_use_gpu(cfg: RunConfig) -> bool:
+    import ray
+
+    if isinstance(cfg.workers.use_gpu, bool):
+        return cfg.workers.use_gpu
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def total_steps_for(cfg: RunConfig, n_blocks: int) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    steps_per_epoch = -(-n_blocks // cfg.train.global_batch)
+    return max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+
+
+def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
+    import ray
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from elastic_ft.core.optimizer import resolve_max_micro_batch
+    from elastic_ft.core.train_loop import train_worker
+    from elastic_ft.data.pipeline import prepare_data
+    from elastic_ft.resources.controller import CONTROLLER_NAME, ElasticController
+
+    t0 = time.time()
+    cfg = cfg.with_absolute_paths()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False))
+    events = EventLog(out / "events.jsonl")
+    # Ray's 60 s default start timeout turns a lost node into a minute of waiting.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+                          str(int(cfg.workers.start_timeout_s)))
+    started_ray = ensure_ray()
+    _quiet_ray_data()
+    try:
+        prepared, report = prepare_data(cfg.data, tokenizer_path(cfg), out, engine="ray",
+                                        trust_remote_code=cfg.model.trust_remote_code)
+        print(report.table(), flush=True)
+        total_steps = total_steps_for(cfg, len(prepared))
+        use_gpu = resolve_use_gpu(cfg)
+        max_micro, mem_budget = resolve_max_micro_batch(cfg, use_gpu, events)
+        storage = cfg.resolved_storage_path()
+        latest = find_latest_valid(Path(storage) / RUN_NAME,
+                                   log=lambda msg: events.emit("checkpoint_invalid", error=msg))
+        events.emit("run_start", total_steps=total_steps, use_gpu=use_gpu,
+                    max_micro_batch=max_micro,
+                    resume_from=str(latest.path) if latest else None)
+
+        resources = dict(cfg.workers.resources_per_worker) or (
+            {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
+        here = ray.get_runtime_context().get_node_id()
+        controller = ray.remote(ElasticController).options(
+            name=f"{CONTROLLER_NAME}_{os.getpid()}_{int(t0)}", num_cpus=0, max_concurrency=16,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        ).remote(str(out), cfg.train.global_batch, max_micro, cfg.workers.min, cfg.workers.max,
+                 resources, cfg.elastic.monitor_interval_s, mem_budget,
+                 cfg.elastic.jit_checkpoint_on_join)
+        ray.get(controller.ping.remote())
+        num_workers: int | tuple[int, int] = (
+            cfg.workers.min if cfg.workers.min == cfg.workers.max
+            else (cfg.workers.min, cfg.workers.max))
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"run": cfg.to_dict(), "controller": controller,
+                               "blocks_ref": ray.put(prepared.table), "total_steps": total_steps,
+                               "resume_from": Checkpoint.from_directory(str(latest.path))
+                               if latest else None},
+            scaling_config=ScalingConfig(
+                num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                elastic_resize_monitor_interval_s=cfg.workers.resize_interval_s),
+            run_config=RayRunConfig(
+                name=RUN_NAME, storage_path=storage,
+                failure_config=FailureConfig(max_failures=cfg.workers.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                logging_config=LoggingConfig(log_level="WARNING")),
+        )
+        try:
+            trainer.fit()
+        finally:
+            try:
+                ray.get(controller.shutdown.remote(), timeout=10)
+            except Exception:
+                pass
+            ray.kill(controller)
+        summary = write_summary(cfg, out, report, time.time() - t0)
+        if export:
+            from elastic_ft.core.export import export_outputs
+
+            summary["exported"] = export_outputs(cfg)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        events.emit("run_end", wall_s=round(time.time() - t0, 3))
+        return summary
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def write_summary(cfg: RunConfig, out: Path, report: Any, wall_s: float) -> dict[str, Any]:
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ends = [e for e in read_events(out / "events.jsonl") if e["event"] == "end"]
+    plans = [e for e in read_events(out / "events.jsonl") if e["event"] == "plan"]
+    end = ends[-1] if ends else {}
+    by_step = {m["step"]: m for m in metrics}  # a step redone after a restart replaces the lost one
+    steps = sorted(by_step)
+    tokens = sum(by_step[s]["trained_real_tokens"] for s in steps)
+    step_s = sorted(by_step[s]["step_s"] for s in steps)
+    summary = {
+        "initial_loss": by_step[steps[0]]["loss"],
+        "final_loss": by_step[steps[-1]]["loss"],
+        "steps": steps[-1],
+        "tokens": tokens,
+        "wall_s": round(wall_s, 3),
+        "world_size": end.get("world_size"),
+        "peak_mem_bytes": end.get("peak_mem_bytes"),
+        "median_step_s": step_s[len(step_s) // 2],
+        "tokens_per_s": tokens / max(1e-9, sum(step_s)),
+        "padding_ratio": report.padding_tokens / max(1, report.blocks * cfg.data.seq_len),
+        "data_wait_share": sum(m["data_wait_s"] for m in metrics) / max(
+            1e-9, sum(m["step_s"] for m in metrics)),
+        "restarts": len([e for e in read_events(out / "events.jsonl") if e["event"] == "resume"]),
+        "plan": plans[-1] if plans else None,
+        "data": {"rows": report.rows, "kept": report.kept, "rejected": report.rejected,
+                 "packing_efficiency": report.packing_efficiency},
+        "config": redact(cfg.to_dict()),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,121 @@
+"""Prepared blocks on disk and the world-size-independent data schedule over them.
+
+The data position is `(epoch, consumed)`: blocks of this epoch's order already trained. The next
+global batch is always `order[consumed : consumed + global_batch]`, whatever the world size, and
+each rank takes its own slots of it. So a resume at another world size continues the epoch with
+no sample repeated or skipped, and the position is two integers in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from elastic_ft.data.pack import Block
+
+BLOCKS_FILE = "blocks.arrow"
+PAD_SLOT = -1  # fills a short last batch; an all-masked block that trains nothing
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    epoch: int = 0
+    consumed: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def write_blocks(blocks: list[Block], out_dir: Path) -> PreparedData:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = pa.table({
+        "input_ids": pa.array([b.input_ids for b in blocks], pa.list_(pa.int32())),
+        "labels": pa.array([b.labels for b in blocks], pa.list_(pa.int32())),
+        "position_ids": pa.array([b.position_ids for b in blocks], pa.list_(pa.int32())),
+        "sample_ids": pa.array([b.sample_ids for b in blocks], pa.list_(pa.string())),
+        "n_trainable": pa.array([sum(1 for x in b.labels if x != -100) for b in blocks], pa.int32()),
+    })
+    tmp = out_dir / (BLOCKS_FILE + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    tmp.replace(out_dir / BLOCKS_FILE)
+    return PreparedData(table)
+
+
+class PreparedData:
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self._trainable = table.column("n_trainable").to_pylist()
+        self.seq_len = len(table.column("input_ids")[0]) if len(table) else 0
+
+    @classmethod
+    def open(cls, prepared_dir: str | Path) -> PreparedData:
+        source = pa.memory_map(str(Path(prepared_dir) / BLOCKS_FILE))
+        return cls(pa.ipc.open_file(source).read_all())
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def epoch_order(self, epoch: int, seed: int, shuffle: bool) -> list[int]:
+        order = list(range(len(self)))
+        if shuffle:
+            random.Random(seed * 100_003 + epoch).shuffle(order)
+        return order
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return -(-len(self) // global_batch)
+
+    def global_batch(self, position: DataPosition, global_batch: int, seed: int,
+                     shuffle: bool) -> tuple[list[int], DataPosition]:
+        """Block indices of the next global batch, and the position after it."""
+        order = self.epoch_order(position.epoch, seed, shuffle)
+        chosen = order[position.consumed: position.consumed + global_batch]
+        consumed = position.consumed + len(chosen)
+        after = DataPosition(position.epoch + 1, 0) if consumed >= len(order) else DataPosition(
+            position.epoch, consumed)
+        return chosen, after
+
+    def trainable_tokens(self, indices: list[int]) -> int:
+        return sum(self._trainable[i] for i in indices if i != PAD_SLOT)
+
+    def sample_ids(self, indices: list[int]) -> list[str]:
+        ids = self.table.column("sample_ids")
+        return [s for i in indices if i != PAD_SLOT for s in ids[i].as_py()]
+
+    def batch(self, indices: list[int]) -> dict[str, Any]:
+        """Tensors (b, seq_len) for these blocks; PAD_SLOT gives a fully masked block."""
+        import torch
+
+        real = [i for i in indices if i != PAD_SLOT]
+        rows = self.table.take(real).to_pydict() if real else {}
+        it = {k: iter(v) for k, v in rows.items()}
+        ids, labels, pos = [], [], []
+        for i in indices:
+            if i == PAD_SLOT:
+                ids.append([0] * self.seq_len)
+                labels.append([-100] * self.seq_len)
+                pos.append(list(range(self.seq_len)))
+            else:
+                ids.append(next(it["input_ids"]))
+                labels.append(next(it["labels"]))
+                pos.append(next(it["position_ids"]))
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(pos, dtype=torch.long),
+        }
+
+
+def rank_slots(global_indices: list[int], world_size: int, rank: int, micro_batch: int,
+               grad_accum: int) -> list[list[int]]:
+    """This rank's micro-batches: slot (j*W + r) of width m; short batches padded with PAD_SLOT."""
+    width = micro_batch * grad_accum * world_size
+    padded = list(global_indices) + [PAD_SLOT] * (width - len(global_indices))
+    return [
+        padded[(j * world_size + rank) * micro_batch: (j * world_size + rank + 1) * micro_batch]
+        for j in range(grad_accum)
+    ]

@@ -1,0 +1,162 @@
+"""Read sources into raw rows: `{"source", "row", "payload", "parse_error", "parse_detail"}`.
+
+`payload` is the record as JSON text (or the undecodable raw line), so every source has the same
+Arrow schema in the Ray Data pipeline. A line that is not JSON or not UTF-8 is kept as a raw row
+with its parse error, to be quarantined downstream, never dropped here.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from elastic_ft.data.validate import Reason
+
+EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+              ".arrow": "arrow", ".feather": "arrow"}
+
+
+class SourceError(ValueError):
+    """A data path that cannot be read at all."""
+
+
+def expand_sources(paths: list[str]) -> list[str]:
+    """Files (and `save_to_disk` directories, hub names) in a stable order."""
+    sources: list[str] = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
+            sources.append(str(p))
+        elif p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix in EXTENSIONS)
+            if not found:
+                raise SourceError(f"{path}: directory holds no {'/'.join(EXTENSIONS)} files")
+            sources.extend(found)
+        elif any(ch in path for ch in "*?["):
+            found = sorted(f for f in glob.glob(path, recursive=True) if Path(f).suffix in EXTENSIONS)
+            if not found:
+                raise SourceError(f"{path}: glob matches no data files")
+            sources.extend(found)
+        elif p.is_file():
+            if p.suffix not in EXTENSIONS:
+                raise SourceError(f"{path}: unsupported extension; allowed: {', '.join(EXTENSIONS)}")
+            sources.append(str(p))
+        elif "/" in path and not path.startswith((".", "/")) and not p.suffix:
+            sources.append(f"hf://{path}")  # a hub dataset name, loaded when online
+        else:
+            raise SourceError(f"{path}: no such file or directory")
+    return sources
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def _row(source: str, row: int, record: Any = None, raw: str = "", error: str = "",
+         detail: str = "") -> dict[str, Any]:
+    payload = raw if error else json.dumps(record, ensure_ascii=False, default=str)
+    return {"source": source, "row": row, "payload": payload, "parse_error": error,
+            "parse_detail": detail}
+
+
+def _records(source: str, records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for row, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            yield _row(source, row, raw=json.dumps(record, default=str), error=Reason.WRONG_TYPE.value,
+                       detail=f"row is a {type(record).__name__}, not an object")
+        else:
+            yield _row(source, row, {k: _clean(v) for k, v in record.items()})
+
+
+def read_source(source: str) -> Iterator[dict[str, Any]]:
+    if source.startswith("hf://"):
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(source[5:], split="train")
+        except Exception as error:  # offline or unknown name
+            raise SourceError(f"{source[5:]}: cannot load hub dataset ({error})") from None
+        yield from _records(source, iter(ds))
+        return
+    path = Path(source)
+    if path.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"]
+        yield from _records(source, iter(ds))
+        return
+    kind = EXTENSIONS[path.suffix]
+    if kind == "jsonl":
+        with open(path, "rb") as f:
+            for row, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    yield _row(source, row, raw=line.decode("utf-8", "replace").rstrip("\n"),
+                               error=Reason.INVALID_UTF8.value, detail=str(error))
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as error:
+                    yield _row(source, row, raw=text.rstrip("\n"), error=Reason.INVALID_JSON.value,
+                               detail=str(error))
+                    continue
+                yield from (dict(r, row=row) for r in _records(source, iter([record])))
+    elif kind == "json":
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise SourceError(f"{source}: not a valid JSON document ({error})") from None
+        if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else [data]
+        yield from _records(source, iter(data))
+    else:
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
+        import pyarrow.feather as feather
+        import pyarrow.parquet as pq
+
+        if kind == "csv":
+            # csv has no types: read every column as text so "19" stays the answer, not an int
+            table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
+                strings_can_be_null=True))
+            table = table.cast(pa.schema([(f.name, pa.string()) for f in table.schema]))
+        elif kind == "parquet":
+            table = pq.read_table(path)
+        else:
+            table = _read_arrow(path, feather)
+        yield from _records(source, iter(table.to_pylist()))
+
+
+def _read_arrow(path: Path, feather: Any) -> Any:
+    import pyarrow as pa
+
+    try:
+        return feather.read_table(path)
+    except pa.ArrowInvalid:  # the streaming IPC format `datasets` writes
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_stream(source).read_all()
+
+
+def sample_records(source: str, limit: int = 50) -> list[dict[str, Any]]:
+    """Parsed records from the head of a source, for format detection."""
+    records = []
+    for raw in read_source(source):
+        if not raw["parse_error"]:
+            records.append(json.loads(raw["payload"]))
+        if len(records) >= limit:
+            break
+    return records

@@ -1,0 +1,50 @@
+"""`events.jsonl`: one JSON object per line, `{"event": ..., "t": unix_s, ...fields}`.
+
+Appends are line-atomic (one write per event, O_APPEND), so the driver, the controller actor and
+rank 0 can all log to the same file on a shared path without interleaving partial lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+SECRET_MARKERS = ("token", "secret", "password", "api_key", "access_key")
+
+
+def redact(value: Any) -> Any:
+    """Drop anything that looks like a credential before it reaches a log or a saved config."""
+    if isinstance(value, dict):
+        return {
+            k: ("<redacted>" if any(m in str(k).lower() for m in SECRET_MARKERS) else redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+class EventLog:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = {"event": event, "t": round(time.time(), 3), **redact(fields)}
+        line = (json.dumps(record, default=str) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        return record
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,190 @@
+"""`ElasticController`: one named actor holding the cluster picture and logging every decision.
+
+It moves messages only; the decisions are the pure functions in `policy.py`. Workers call
+`plan()` on every (re)start, `poll()` once per step (non-blocking on their side), `metrics()`
+after each step. A background thread watches nodes (joins, losses, drains), keeps one
+`ResourceMonitor` on each node, and raises a just-in-time checkpoint request before Ray Train
+restarts the worker group at a new size.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from elastic_ft.events import EventLog
+from elastic_ft.resources.policy import memory_pressure, plan_batches, resize_decision
+
+CONTROLLER_NAME = "elastic_ft_controller"
+NAMESPACE = "elastic_ft"
+
+
+class ElasticController:
+    def __init__(self, output_dir: str, global_batch: int, max_micro_batch: int,
+                 min_workers: int, max_workers: int, resources_per_worker: dict[str, float],
+                 monitor_interval_s: float = 1.0, mem_budget_bytes: int | None = None,
+                 jit_on_resize: bool = True, start_monitors: bool = True) -> None:
+        self.out = Path(output_dir)
+        self.events = EventLog(self.out / "events.jsonl")
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.global_batch = global_batch
+        self.max_micro_batch = max_micro_batch
+        self.min_workers, self.max_workers = min_workers, max_workers
+        self.resources_per_worker = resources_per_worker
+        self.monitor_interval_s = monitor_interval_s
+        self.mem_budget_bytes = mem_budget_bytes
+        self.jit_on_resize = jit_on_resize
+        self.world_size: int | None = None
+        self.current_plan: dict[str, Any] | None = None
+        self.pending: dict[str, Any] | None = None
+        self.peaks: deque[int] = deque(maxlen=50)
+        self.history: deque[dict[str, Any]] = deque(maxlen=200)
+        self.node_samples: dict[str, dict[str, Any]] = {}
+        self.nodes: set[str] = set()
+        self.draining: dict[str, int] = {}
+        self.monitors: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if start_monitors:
+            self._watch_nodes(initial=True)
+            threading.Thread(target=self._watch_loop, daemon=True).start()
+
+    # -- called by workers -------------------------------------------------------------
+    def plan(self, world_size: int, worker_node_ids: list[str] | None = None) -> dict[str, Any]:
+        with self._lock:
+            previous = self.world_size
+            plan = plan_batches(self.global_batch, world_size, self.max_micro_batch)
+            self.world_size = world_size
+            self.worker_nodes = set(worker_node_ids or [])
+            self.pending = None
+            self.current_plan = plan.to_dict()
+        if previous is not None and previous != world_size:
+            self.events.emit("resize", **{"from": previous, "to": world_size})
+        self.events.emit("plan", **self.current_plan)
+        return self.current_plan
+
+    def poll(self) -> dict[str, Any] | None:
+        """A pending request for the workers: checkpoint now, and whether a restart follows."""
+        with self._lock:
+            return self.pending
+
+    def ack(self, step: int, kind: str, seconds: float) -> None:
+        with self._lock:
+            self.pending = None
+        self.events.emit("jit_checkpoint", step=step, reason=kind, seconds=round(seconds, 3))
+
+    def record(self, event: str, fields: dict[str, Any]) -> None:
+        self.events.emit(event, **fields)
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.history.append(record)
+        peak = record.get("peak_mem_bytes")
+        if peak and self.mem_budget_bytes and self.current_plan:
+            self.peaks.append(int(peak))
+            decision = memory_pressure(list(self.peaks), self.mem_budget_bytes,
+                                       self.current_plan["micro_batch"])
+            if decision.replan:
+                self._shrink_micro_batch(decision.new_max_micro_batch, decision.reason)
+
+    def oom(self, micro_batch: int, step: int) -> None:
+        """An OOM that happened anyway: same re-plan as a projected one; the group restarts."""
+        self.events.emit("oom", micro_batch=micro_batch, step=step)
+        self._shrink_micro_batch(max(1, micro_batch // 2), "out of memory", checkpoint=False)
+
+    def _shrink_micro_batch(self, new_cap: int, reason: str, checkpoint: bool = True) -> None:
+        with self._lock:
+            if new_cap >= self.max_micro_batch and self.pending:
+                return
+            self.max_micro_batch = new_cap
+            self.peaks.clear()
+            if checkpoint:
+                self.pending = {"kind": "memory", "restart": True, "reason": reason}
+        self.events.emit("replan_memory", max_micro_batch=new_cap, reason=reason)
+
+    # -- cluster picture ---------------------------------------------------------------
+    def node_sample(self, sample: dict[str, Any]) -> None:
+        self.node_samples[sample["node_id"]] = sample
+
+    def picture(self) -> dict[str, Any]:
+        return {"nodes": sorted(self.nodes), "world_size": self.world_size,
+                "plan": self.current_plan, "pending": self.pending,
+                "draining": self.draining, "samples": self.node_samples}
+
+    def request_checkpoint(self, kind: str, restart: bool, reason: str) -> None:
+        with self._lock:
+            if self.pending is None:
+                self.pending = {"kind": kind, "restart": restart, "reason": reason}
+        self.events.emit("jit_checkpoint_requested", kind=kind, reason=reason)
+
+    def _placeable_workers(self) -> int:
+        import ray
+
+        need = self.resources_per_worker or {"CPU": 1}
+        free = ray._private.state.available_resources_per_node()
+        count = 0
+        for node_id, avail in free.items():
+            if node_id not in self.nodes or node_id in self.draining:
+                continue
+            count += int(min(avail.get(k, 0.0) / v for k, v in need.items() if v > 0))
+        return count
+
+    def _watch_nodes(self, initial: bool = False) -> None:
+        import ray
+
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        for node_id in sorted(alive - self.nodes):
+            if not initial:
+                self.events.emit("node_join", node_id=node_id)
+            self._start_monitor(node_id)
+        for node_id in sorted(self.nodes - alive):
+            self.events.emit("node_lost", node_id=node_id)
+            self.monitors.pop(node_id, None)
+        self.nodes = alive
+        draining = ray._private.state.state.get_draining_nodes()
+        for node_id, deadline_ms in draining.items():
+            if node_id not in self.draining:
+                self.events.emit("node_draining", node_id=node_id, deadline_ms=deadline_ms)
+        self.draining = dict(draining)
+        if initial or self.world_size is None or not self.jit_on_resize or self.pending:
+            return
+        hosting = len(set(self.draining) & getattr(self, "worker_nodes", set()))
+        decision = resize_decision(self.world_size, self._placeable_workers(), self.min_workers,
+                                   self.max_workers, draining_workers=hosting)
+        if decision.checkpoint_now:
+            self.request_checkpoint("resize", restart=True, reason=decision.reason)
+
+    def _start_monitor(self, node_id: str) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from elastic_ft.resources.monitor import ResourceMonitor
+
+        actor = ray.remote(num_cpus=0)(ResourceMonitor).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            max_restarts=0,
+        ).remote(node_id, ray.get_runtime_context().current_actor, self.monitor_interval_s)
+        self.monitors[node_id] = actor
+
+    def _watch_loop(self) -> None:
+        while not self._stop.wait(self.monitor_interval_s):
+            try:
+                self._watch_nodes()
+            except Exception as error:  # the GCS may be briefly unreachable while nodes churn
+                self.events.emit("monitor_error", error=repr(error))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        for actor in self.monitors.values():
+            try:
+                actor.stop.remote()
+            except Exception:
+                pass
+
+    def ping(self) -> float:
+        return time.time()

@@ -1,0 +1,115 @@
+"""`ResourceMonitor`: one actor pinned to each node, sampling GPUs (NVML), CPU and RAM.
+
+On a node with no NVML library or no GPU it logs one line and reports CPU/RAM only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+log = logging.getLogger("elastic_ft.monitor")
+
+
+@dataclass
+class GpuSample:
+    index: int
+    name: str
+    mem_total_bytes: int
+    mem_used_bytes: int
+    util_pct: int
+    temp_c: int
+    power_w: float
+
+
+@dataclass
+class NodeSample:
+    node_id: str
+    t: float
+    cpu_pct: float
+    cpu_count: int
+    mem_total_bytes: int
+    mem_used_bytes: int
+    gpus: list[GpuSample] = field(default_factory=list)
+    nvml: str = "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class NvmlReader:
+    """NVML through `pynvml` (nvidia-ml-py); `available` is False where there is none."""
+
+    def __init__(self) -> None:
+        self.available = False
+        self.status = "ok"
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self.available = pynvml.nvmlDeviceGetCount() > 0
+            if not self.available:
+                self.status = "no GPU"
+        except Exception as error:  # NVMLError_LibraryNotFound on a CPU box
+            self.status = f"NVML unavailable ({type(error).__name__})"
+        if not self.available:
+            log.info("GPU monitoring off: %s; reporting CPU and RAM only", self.status)
+
+    def sample(self) -> list[GpuSample]:
+        if not self.available:
+            return []
+        nv = self._nvml
+        gpus = []
+        for i in range(nv.nvmlDeviceGetCount()):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            name = nv.nvmlDeviceGetName(h)
+            gpus.append(GpuSample(
+                index=i, name=name.decode() if isinstance(name, bytes) else name,
+                mem_total_bytes=int(mem.total), mem_used_bytes=int(mem.used),
+                util_pct=int(nv.nvmlDeviceGetUtilizationRates(h).gpu),
+                temp_c=int(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+                power_w=nv.nvmlDeviceGetPowerUsage(h) / 1000.0))
+        return gpus
+
+
+def sample_node(node_id: str, nvml: NvmlReader) -> NodeSample:
+    vm = psutil.virtual_memory()
+    return NodeSample(node_id=node_id, t=time.time(), cpu_pct=psutil.cpu_percent(interval=None),
+                      cpu_count=psutil.cpu_count() or 1, mem_total_bytes=int(vm.total),
+                      mem_used_bytes=int(vm.total - vm.available), gpus=nvml.sample(),
+                      nvml=nvml.status)
+
+
+class ResourceMonitor:
+    """Ray actor body: samples its node every `interval_s` and pushes to the controller."""
+
+    def __init__(self, node_id: str, controller: Any, interval_s: float) -> None:
+        import threading
+
+        self.node_id = node_id
+        self.controller = controller
+        self.interval_s = interval_s
+        self.nvml = NvmlReader()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.controller.node_sample.remote(sample_node(self.node_id, self.nvml).to_dict())
+            except Exception:  # controller gone: the run is over
+                return
+            self._stop.wait(self.interval_s)
+
+    def sample(self) -> dict[str, Any]:
+        return sample_node(self.node_id, self.nvml).to_dict()
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job: build the tiny assets if missing, fine-tune with LoRA + ZeRO-2 on an embedded
+# local Ray cluster, export the adapter and the merged model, print the report.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+cd "$ROOT"
+CONFIG="${1:-configs/tiny-lora-cpu.yaml}"
+[ -f assets/tiny/model/config.json ] || elastic-ft make-tiny-assets assets/tiny
+elastic-ft train "$CONFIG"
+OUT="$(python -c "from elastic_ft.config import load_config; print(load_config('$CONFIG').output_dir)")"
+elastic-ft export "$OUT"
+echo "[demo] outputs in $OUT: summary.json events.jsonl data_report.json adapter/ merged/"
