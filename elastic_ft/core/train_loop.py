@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic_ft.config import RunConfig
-from elastic_ft.core.checkpoint import needs_universal, save_rank_checkpoint, to_universal, TAG
+from elastic_ft.core.checkpoint import TAG, needs_universal, save_rank_checkpoint, to_universal
 from elastic_ft.data.prepared import DataPosition, PreparedData, rank_slots
 
 _SIGTERM = {"received": False}
@@ -125,7 +125,7 @@ def train_worker(config: dict[str, Any]) -> None:
             t_data += time.time() - t_d
             real_tokens += int((batch["labels"] != -100).sum())
             out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                         labels=batch["labels"],
+                         labels=batch["labels"], use_cache=False,
                          num_items_in_batch=torch.tensor(n_trainable / (world * a), device=device))
             engine.backward(out.loss)
             engine.step()

@@ -63,10 +63,10 @@ def total_steps_for(cfg: RunConfig, n_blocks: int) -> int:
 
 def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     import ray
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig as RayRunConfig
-    from ray.train import ScalingConfig
-    from ray.train.v2.api.config import LoggingConfig
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from elastic_ft.core.optimizer import resolve_max_micro_batch

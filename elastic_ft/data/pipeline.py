@@ -19,7 +19,7 @@ from elastic_ft.data.formats import FormatError, apply_columns, detect_format, n
 from elastic_ft.data.pack import pack_samples
 from elastic_ft.data.prepared import PreparedData, write_blocks
 from elastic_ft.data.readers import expand_sources, read_source, sample_records
-from elastic_ft.data.report import DataReport, DataQualityError, build_report
+from elastic_ft.data.report import DataQualityError, DataReport, build_report
 from elastic_ft.data.tokenize import count_trainable, load_tokenizer, tokenize_rows
 from elastic_ft.data.validate import Quarantine, Reason, RowError
 

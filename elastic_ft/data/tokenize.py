@@ -57,7 +57,7 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, train_on: str,
     flat = [text for segs in rendered if segs for text, _ in segs]
     encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
     out = []
-    for row, segs in zip(rows, rendered):
+    for row, segs in zip(rows, rendered, strict=True):
         if segs is None:
             ids = list(row["input_ids"])
             labels = list(row["labels"]) if row.get("labels") is not None else list(ids)
@@ -89,7 +89,7 @@ def _chat_template(row: dict[str, Any], tokenizer: Any, train_on: str) -> tuple[
             "cannot be found; use data.template: default or data.train_on: all"
         )
     else:
-        labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, mask)]
+        labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, mask, strict=True)]
     labels[0] = IGNORE_INDEX
     return ids, labels
 

@@ -1,0 +1,160 @@
+"""`elastic-ft`: a thin command line over the library; each command is one call."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from elastic_ft.config import ConfigError, load_config, parse_override
+
+
+def _config(path: str, overrides: tuple[str, ...]):
+    try:
+        return load_config(path, dict(parse_override(o) for o in overrides))
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@click.group()
+def main() -> None:
+    """Elastic, spot-tolerant LLM fine-tuning on Ray Train + DeepSpeed."""
+
+
+@main.command("make-tiny-assets")
+@click.argument("out_dir", type=click.Path())
+@click.option("--vocab-size", default=1000, show_default=True)
+def make_tiny_assets_cmd(out_dir: str, vocab_size: int) -> None:
+    """Write a local tokenizer and a random-init tiny Llama to OUT_DIR/{tokenizer,model}."""
+    from elastic_ft.core.tiny_assets import make_tiny_assets
+
+    click.echo(json.dumps(make_tiny_assets(out_dir, vocab_size=vocab_size), indent=2))
+
+
+@main.command()
+@click.argument("config")
+@click.option("--set", "overrides", multiple=True, help="section.field=value (YAML value)")
+@click.option("--no-export", is_flag=True, help="skip writing adapter/ and merged/")
+def train(config: str, overrides: tuple[str, ...], no_export: bool) -> None:
+    """Fine-tune; resumes from the newest valid checkpoint in the run's storage."""
+    from elastic_ft.core.trainer import run_training
+
+    cfg = _config(config, overrides)
+    summary = run_training(cfg, export=not no_export)
+    keys = ["initial_loss", "final_loss", "steps", "tokens", "wall_s", "world_size",
+            "tokens_per_s", "peak_mem_bytes"]
+    click.echo(json.dumps({k: summary[k] for k in keys}, indent=2))
+    click.echo(f"summary: {Path(cfg.output_dir) / 'summary.json'}")
+
+
+@main.command()
+@click.argument("config")
+@click.option("--set", "overrides", multiple=True)
+def prepare(config: str, overrides: tuple[str, ...]) -> None:
+    """Run the data pipeline (Ray Data) and materialise OUTPUT/prepared/ before training."""
+    from elastic_ft.core.model import tokenizer_path
+    from elastic_ft.core.trainer import ensure_ray
+    from elastic_ft.data.pipeline import prepare_data
+
+    cfg = _config(config, overrides).with_absolute_paths()
+    ensure_ray()
+    _, report = prepare_data(cfg.data, tokenizer_path(cfg), cfg.output_dir, engine="ray")
+    click.echo(report.table())
+
+
+@main.command("validate-data")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--format", "fmt", default="auto", show_default=True)
+@click.option("--seq-len", default=2048, show_default=True)
+@click.option("--tokenizer", required=True, help="tokenizer path or hub name")
+@click.option("--too-long", type=click.Choice(["drop", "truncate"]), default="truncate")
+@click.option("--out", "out_dir", required=True, type=click.Path())
+def validate_data(paths: tuple[str, ...], fmt: str, seq_len: int, tokenizer: str, too_long: str,
+                  out_dir: str) -> None:
+    """Validate and measure data without training: DIR/report.json and DIR/quarantine.jsonl."""
+    from pydantic import ValidationError
+
+    from elastic_ft.config import DataConfig, format_validation_error
+    from elastic_ft.data.pipeline import prepare_data
+    from elastic_ft.data.report import DataQualityError
+
+    try:
+        cfg = DataConfig(paths=list(paths), format=fmt, seq_len=seq_len, too_long=too_long,
+                         max_reject_rate=1.0)
+    except ValidationError as error:
+        raise click.ClickException(format_validation_error(error, DataConfig)) from None
+    try:
+        _, report = prepare_data(cfg, tokenizer, out_dir, engine="local", write_blocks_file=False)
+    except DataQualityError as error:
+        raise click.ClickException(str(error)) from None
+    out = Path(out_dir)
+    (out / "data_report.json").replace(out / "report.json")
+    click.echo(report.table())
+    click.echo(f"report: {out / 'report.json'}  quarantine: {out / 'quarantine.jsonl'}")
+
+
+@main.command()
+@click.argument("config")
+@click.option("--gpus", default=1, show_default=True, help="workers (GPUs) in the run")
+@click.option("--gpu-mem", default="80GiB", show_default=True, help="memory per GPU")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--set", "overrides", multiple=True)
+def plan(config: str, gpus: int, gpu_mem: str, as_json: bool, overrides: tuple[str, ...]) -> None:
+    """Per-worker memory of every method/ZeRO/checkpointing/offload combination; a pick."""
+    from elastic_ft.core.planner import parse_bytes, plan_table, render_table
+
+    cfg = _config(config, overrides)
+    result = plan_table(cfg, gpus, parse_bytes(gpu_mem))
+    click.echo(json.dumps(result, indent=2) if as_json else render_table(result))
+
+
+@main.command()
+@click.argument("config")
+@click.option("--set", "overrides", multiple=True)
+def export(config: str, overrides: tuple[str, ...]) -> None:
+    """Write OUTPUT/adapter (peft) and OUTPUT/merged (Hugging Face) from a finished run."""
+    from elastic_ft.core.export import export_outputs
+
+    click.echo(json.dumps(export_outputs(_config(config, overrides).with_absolute_paths()),
+                          indent=2))
+
+
+@main.command()
+@click.argument("config")
+@click.option("--address", default="http://127.0.0.1:8265", show_default=True)
+@click.option("--no-wait", is_flag=True, help="print the job id and return")
+@click.option("--set", "overrides", multiple=True)
+def submit(config: str, address: str, no_wait: bool, overrides: tuple[str, ...]) -> None:
+    """Submit `elastic-ft train CONFIG` to a cluster through the Ray Jobs API."""
+    from elastic_ft.launch import submit_job
+
+    _config(config, overrides)  # fail here, not on the cluster
+    status = submit_job(config, address, list(overrides), wait=not no_wait, echo=click.echo)
+    if status not in ("SUCCEEDED", "PENDING", "RUNNING"):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--address", default="http://127.0.0.1:8265", show_default=True)
+def status(job_id: str, address: str) -> None:
+    """Status of a submitted job."""
+    from ray.job_submission import JobSubmissionClient
+
+    click.echo(JobSubmissionClient(address).get_job_status(job_id).value)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--address", default="http://127.0.0.1:8265", show_default=True)
+def stop(job_id: str, address: str) -> None:
+    """Stop a submitted job (its workers checkpoint on SIGTERM where they can)."""
+    from ray.job_submission import JobSubmissionClient
+
+    click.echo("stopped" if JobSubmissionClient(address).stop_job(job_id) else "not running")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Real Ray Train + DeepSpeed runs on the tiny assets (no mocks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from elastic_ft.config import load_config
+from elastic_ft.events import read_events
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.ray
+
+
+def _cfg(tiny_assets: Path, out: Path, data: Path | None = None, **overrides):
+    base = {"model.name_or_path": str(tiny_assets), "output_dir": str(out)}
+    if data is not None:
+        base["data.paths"] = [str(data)]
+    return load_config(ROOT / "configs" / "tiny-lora-cpu.yaml", {**base, **overrides})
+
+
+def _metrics(out: Path) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}  # a step redone after a restart replaces the lost one
+
+
+def test_lora_zero2_two_workers_then_resume_at_one(tmp_path, tiny_assets, ray_local) -> None:
+    from elastic_ft.core.trainer import run_training
+
+    lines = (ROOT / "data" / "sample" / "alpaca.jsonl").read_text().splitlines()[:400]
+    data = tmp_path / "small.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    first = run_training(_cfg(tiny_assets, out, data, **{
+        "train.max_steps": 16, "train.global_batch": 4, "train.micro_batch": 1,
+        "checkpoint.every_steps": 8, "train.log_sample_ids": True, "optim.lr": 0.02}),
+        export=True)
+    assert first["world_size"] == 2 and first["steps"] == 16
+    assert first["final_loss"] < first["initial_loss"] - 0.2
+    assert len(first["peak_mem_bytes"]) == 2 and min(first["peak_mem_bytes"]) > 0
+    for key in ("tokens", "wall_s", "config"):
+        assert key in first
+    events = [e["event"] for e in read_events(out / "events.jsonl")]
+    assert {"start", "plan", "checkpoint", "end"} <= set(events)
+
+    # the exported merged model loads with the plain HF API and generates
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (out / "adapter" / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out / "merged")
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    ids = tok("### User:\nReverse the word.\ncat\n### Assistant:\n", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+
+    # run again on the same output dir, one worker: resumes at step 16, position kept
+    report = json.loads((out / "data_report.json").read_text())
+    steps_per_epoch = -(-report["blocks"] // 4)
+    second = run_training(_cfg(tiny_assets, out, data, **{
+        "train.max_steps": steps_per_epoch + 2, "train.global_batch": 4, "train.micro_batch": 1,
+        "checkpoint.every_steps": 8, "train.log_sample_ids": True, "workers.min": 1,
+        "workers.max": 1, "optim.lr": 0.02}), export=False)
+    resume = [e for e in read_events(out / "events.jsonl") if e["event"] == "resume"][-1]
+    assert resume["step"] == 16 and resume["world_size"] == 1 and resume["from_world_size"] == 2
+    assert resume["universal"] is True  # ZeRO-2 shards re-partitioned, optimizer kept
+    assert resume["position"] == {"epoch": 0, "consumed": 64}
+    assert second["world_size"] == 1 and second["steps"] == steps_per_epoch + 2
+
+    # every kept sample of epoch 0 was trained exactly once across the two world sizes
+    metrics = _metrics(out)
+    epoch0 = [s for step in range(1, steps_per_epoch + 1) for s in metrics[step]["sample_ids"]]
+    assert len(epoch0) == len(set(epoch0)) == report["kept"]
+
+
+def test_full_finetune_zero3(tmp_path, tiny_assets, ray_local) -> None:
+    from elastic_ft.core.trainer import run_training
+
+    out = tmp_path / "full"
+    summary = run_training(_cfg(tiny_assets, out, **{
+        "method.kind": "full", "deepspeed.zero_stage": 3, "train.max_steps": 6,
+        "optim.lr": 0.003, "checkpoint.every_steps": 3}), export=True)
+    assert summary["steps"] == 6 and summary["world_size"] == 2
+    assert summary["final_loss"] < summary["initial_loss"]
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert sum(p.numel() for p in merged.parameters()) > 100_000

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from elastic_ft.config import ConfigError, load_config
+from tests.conftest import ROOT
+
+DEMO = ROOT / "configs" / "tiny-lora-cpu.yaml"
+
+
+def test_demo_config_loads() -> None:
+    cfg = load_config(DEMO)
+    assert cfg.method.kind == "lora" and cfg.deepspeed.zero_stage == 2
+    assert cfg.workers.min == 2
+
+
+def test_unknown_key_names_field_and_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, {"train.max_stepz": 3})
+    assert "train.max_stepz: unknown key" in str(err.value)
+    assert "max_steps" in str(err.value)
+
+
+def test_bad_value_names_field_and_allowed_values() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, {"deepspeed.zero_stage": 4, "workers.min": 3})
+    text = str(err.value)
+    assert "deepspeed.zero_stage" in text and "0, 1, 2 or 3" in text
+    assert "workers" in text and "min (3) must be <= max (2)" in text
+
+
+def test_cli_rejects_bad_config_before_ray_starts(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEMO.read_text().replace("zero_stage: 2", "zero_stage: 7"))
+    done = subprocess.run([sys.executable, "-m", "elastic_ft.cli", "train", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "deepspeed.zero_stage" in done.stderr
+    assert "Started a local Ray instance" not in done.stderr + done.stdout
+
+
+def test_secrets_never_reach_saved_config() -> None:
+    from elastic_ft.events import redact
+
+    assert redact({"hf_token": "abc", "nested": {"api_key": "x", "ok": 1}}) == {
+        "hf_token": "<redacted>", "nested": {"api_key": "<redacted>", "ok": 1}}
