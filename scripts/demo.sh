@@ -6,7 +6,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 cd "$ROOT"
 CONFIG="${1:-configs/tiny-lora-cpu.yaml}"
 [ -f assets/tiny/model/config.json ] || elastic-ft make-tiny-assets assets/tiny
+# train exports at the end (adapter/ + merged/); `elastic-ft export CONFIG` redoes just that.
 elastic-ft train "$CONFIG"
-OUT="$(python -c "from elastic_ft.config import load_config; print(load_config('$CONFIG').output_dir)")"
-elastic-ft export "$OUT"
-echo "[demo] outputs in $OUT: summary.json events.jsonl data_report.json adapter/ merged/"
+echo "[demo] outputs: summary.json events.jsonl data_report.json adapter/ merged/ in the run's output_dir"
