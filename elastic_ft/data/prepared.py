@@ -51,6 +51,7 @@ class PreparedData:
         self.table = table
         self._trainable = table.column("n_trainable").to_pylist()
         self.seq_len = len(table.column("input_ids")[0]) if len(table) else 0
+        self._order_cache: dict[tuple[int, int, bool], list[int]] = {}
 
     @classmethod
     def open(cls, prepared_dir: str | Path) -> PreparedData:
@@ -61,10 +62,14 @@ class PreparedData:
         return len(self.table)
 
     def epoch_order(self, epoch: int, seed: int, shuffle: bool) -> list[int]:
-        order = list(range(len(self)))
-        if shuffle:
-            random.Random(seed * 100_003 + epoch).shuffle(order)
-        return order
+        """Seeded order of one epoch; built once per epoch, not on every step."""
+        key = (epoch, seed, shuffle)
+        if key not in self._order_cache:
+            order = list(range(len(self)))
+            if shuffle:
+                random.Random(seed * 100_003 + epoch).shuffle(order)
+            self._order_cache = {key: order}
+        return self._order_cache[key]
 
     def steps_per_epoch(self, global_batch: int) -> int:
         return -(-len(self) // global_batch)
