@@ -35,15 +35,6 @@ def peak_mem_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _any_rank(flag: bool) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([1 if flag else 0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def train_worker(config: dict[str, Any]) -> None:
     import deepspeed  # noqa: F401  (imported before torch work so its accelerator is chosen once)
     import ray
@@ -144,10 +135,14 @@ def train_worker(config: dict[str, Any]) -> None:
             if ready:
                 request = ray.get(pending_poll)
                 pending_poll = controller.poll.remote()
-        box = [request]
-        dist.broadcast_object_list(box, src=0)
-        request = box[0]
-        sigterm = _any_rank(_SIGTERM["received"])
+        # One small all-reduce per step; the request itself is broadcast only when one exists.
+        flags = torch.tensor([int(request is not None), int(_SIGTERM["received"])])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0].item():
+            box = [request]
+            dist.broadcast_object_list(box, src=0)
+            request = box[0]
+        sigterm = bool(flags[1].item())
         if sigterm and request is None:
             request = {"kind": "sigterm", "restart": True, "reason": "SIGTERM"}
 

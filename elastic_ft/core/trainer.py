@@ -150,8 +150,9 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
 
 def write_summary(cfg: RunConfig, out: Path, report: Any, wall_s: float) -> dict[str, Any]:
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    ends = [e for e in read_events(out / "events.jsonl") if e["event"] == "end"]
-    plans = [e for e in read_events(out / "events.jsonl") if e["event"] == "plan"]
+    events = read_events(out / "events.jsonl")
+    ends = [e for e in events if e["event"] == "end"]
+    plans = [e for e in events if e["event"] == "plan"]
     end = ends[-1] if ends else {}
     by_step = {m["step"]: m for m in metrics}  # a step redone after a restart replaces the lost one
     steps = sorted(by_step)
@@ -170,7 +171,7 @@ def write_summary(cfg: RunConfig, out: Path, report: Any, wall_s: float) -> dict
         "padding_ratio": report.padding_tokens / max(1, report.blocks * cfg.data.seq_len),
         "data_wait_share": sum(m["data_wait_s"] for m in metrics) / max(
             1e-9, sum(m["step_s"] for m in metrics)),
-        "restarts": len([e for e in read_events(out / "events.jsonl") if e["event"] == "resume"]),
+        "restarts": len([e for e in events if e["event"] == "resume"]),
         "plan": plans[-1] if plans else None,
         "data": {"rows": report.rows, "kept": report.kept, "rejected": report.rejected,
                  "packing_efficiency": report.packing_efficiency},
