@@ -132,11 +132,20 @@ class WorkersConfig(_Section):
 class CheckpointConfig(_Section):
     every_steps: int = Field(default=50, gt=0)
     keep: int = Field(default=2, ge=1)
+    upload: Literal["async", "sync"] = Field(
+        default="async", description="periodic checkpoints; just-in-time ones are always sync")
 
 
 class ElasticConfig(_Section):
     monitor_interval_s: float = Field(default=1.0, gt=0)
     jit_checkpoint_on_join: bool = True
+    # Ray Data's autoscaling coordinator, which Ray Train's elastic policy asks for resources,
+    # refreshes every 20 s: a grow can take that long to start after the checkpoint.
+    restart_wait_s: float = Field(default=45.0, gt=0)
+    preemption_urls: list[str] = Field(
+        default_factory=list,
+        description="cloud metadata endpoints to poll for a spot notice: 'aws', 'gcp' or URLs")
+    preemption_poll_s: float = Field(default=2.0, gt=0)
 
 
 class RunConfig(_Section):

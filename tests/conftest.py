@@ -19,10 +19,12 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "model"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
     import ray
 
+    if ray.is_initialized():  # a fake-node cluster of another module
+        ray.shutdown()
     # 4 logical CPUs on a 2-core box: training workers and data tasks never starve each other.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray

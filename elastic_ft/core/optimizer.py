@@ -54,8 +54,6 @@ def resolve_max_micro_batch(cfg: RunConfig, use_gpu: bool, events: Any) -> tuple
     """(micro-batch cap, memory budget bytes) for the controller's plans."""
     budget = device_budget_bytes(cfg, use_gpu)
     limit = cfg.train.global_batch
-    if cfg.train.micro_batch != "auto":
-        return int(cfg.train.micro_batch), budget
     shape = model_shape(cfg)
     modelled = max_micro_batch(
         shape, budget, limit=limit, method=cfg.method.kind, zero_stage=cfg.deepspeed.zero_stage,
@@ -63,6 +61,16 @@ def resolve_max_micro_batch(cfg: RunConfig, use_gpu: bool, events: Any) -> tuple
         checkpointing=cfg.model.gradient_checkpointing,
         offload_optimizer=cfg.deepspeed.offload_optimizer,
         offload_params=cfg.deepspeed.offload_params, attn=cfg.model.attn_implementation)
+    if cfg.train.micro_batch != "auto":
+        requested = int(cfg.train.micro_batch)
+        if modelled >= requested:
+            return requested, budget
+        # Over the cap: re-plan with the largest micro-batch the model says fits (more
+        # accumulation keeps the global batch); never start a run that is planned to OOM.
+        chosen = max(1, modelled)
+        events.emit("micro_batch_capped", requested=requested, chosen=chosen,
+                    budget_bytes=budget)
+        return chosen, budget
     probed = run_probe(cfg, budget, limit=limit, use_gpu=use_gpu)
     chosen = max(1, min(probed["largest_fit"] or 1, limit))
     events.emit("micro_batch_auto", modelled=modelled, probed=probed["largest_fit"],

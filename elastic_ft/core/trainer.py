@@ -83,6 +83,10 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     # Ray's 60 s default start timeout turns a lost node into a minute of waiting.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
                           str(int(cfg.workers.start_timeout_s)))
+    # Ray Train's controller takes one reported checkpoint per poll (default every 2 s) and a
+    # report blocks until its turn: a just-in-time checkpoint waits behind that queue.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
+    os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
     started_ray = ensure_ray()
     _quiet_ray_data()
     try:
@@ -107,7 +111,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         ).remote(str(out), cfg.train.global_batch, max_micro, cfg.workers.min, cfg.workers.max,
                  resources, cfg.elastic.monitor_interval_s, mem_budget,
-                 cfg.elastic.jit_checkpoint_on_join)
+                 cfg.elastic.jit_checkpoint_on_join, True, cfg.elastic.restart_wait_s)
         ray.get(controller.ping.remote())
         num_workers: int | tuple[int, int] = (
             cfg.workers.min if cfg.workers.min == cfg.workers.max
@@ -168,6 +172,8 @@ def write_summary(cfg: RunConfig, out: Path, report: Any, wall_s: float) -> dict
         "peak_mem_bytes": end.get("peak_mem_bytes"),
         "median_step_s": step_s[len(step_s) // 2],
         "tokens_per_s": tokens / max(1e-9, sum(step_s)),
+        # wall clock over the trained span: includes checkpoints, restarts and reports
+        "wall_tokens_per_s": _wall_tokens_per_s(metrics),
         "padding_ratio": report.padding_tokens / max(1, report.blocks * cfg.data.seq_len),
         "data_wait_share": sum(m["data_wait_s"] for m in metrics) / max(
             1e-9, sum(m["step_s"] for m in metrics)),
@@ -179,3 +185,10 @@ def write_summary(cfg: RunConfig, out: Path, report: Any, wall_s: float) -> dict
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _wall_tokens_per_s(metrics: list[dict[str, Any]]) -> float:
+    if len(metrics) < 2:
+        return 0.0
+    span_s = metrics[-1]["t"] - metrics[0]["t"]
+    return sum(m["trained_real_tokens"] for m in metrics[1:]) / max(1e-9, span_s)

@@ -27,7 +27,8 @@ class ElasticController:
     def __init__(self, output_dir: str, global_batch: int, max_micro_batch: int,
                  min_workers: int, max_workers: int, resources_per_worker: dict[str, float],
                  monitor_interval_s: float = 1.0, mem_budget_bytes: int | None = None,
-                 jit_on_resize: bool = True, start_monitors: bool = True) -> None:
+                 jit_on_resize: bool = True, start_monitors: bool = True,
+                 restart_wait_s: float = 45.0) -> None:
         self.out = Path(output_dir)
         self.events = EventLog(self.out / "events.jsonl")
         self.metrics_path = self.out / "metrics.jsonl"
@@ -38,6 +39,10 @@ class ElasticController:
         self.monitor_interval_s = monitor_interval_s
         self.mem_budget_bytes = mem_budget_bytes
         self.jit_on_resize = jit_on_resize
+        self.restart_wait_s = restart_wait_s
+        # after a resize checkpoint, hold further requests while Ray Train restarts the group
+        self.resize_hold_until = 0.0
+        self.last_checkpoint_s: float | None = None
         self.world_size: int | None = None
         self.current_plan: dict[str, Any] | None = None
         self.pending: dict[str, Any] | None = None
@@ -61,6 +66,7 @@ class ElasticController:
             self.world_size = world_size
             self.worker_nodes = set(worker_node_ids or [])
             self.pending = None
+            self.resize_hold_until = 0.0
             self.current_plan = plan.to_dict()
         if previous is not None and previous != world_size:
             self.events.emit("resize", **{"from": previous, "to": world_size})
@@ -75,16 +81,22 @@ class ElasticController:
     def ack(self, step: int, kind: str, seconds: float) -> None:
         with self._lock:
             self.pending = None
+            if kind in ("resize", "drain", "preemption"):
+                self.resize_hold_until = time.time() + self.restart_wait_s
         self.events.emit("jit_checkpoint", step=step, reason=kind, seconds=round(seconds, 3))
 
     def record(self, event: str, fields: dict[str, Any]) -> None:
+        if event == "checkpoint":
+            self.last_checkpoint_s = float(fields.get("seconds", 0.0))
+        if event == "end":  # no resize requests for a run that is over
+            self.world_size = None
         self.events.emit(event, **fields)
 
     def metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.history.append(record)
-        peak = record.get("peak_mem_bytes")
+        peak = record.get("train_mem_bytes", record.get("peak_mem_bytes"))
         if peak and self.mem_budget_bytes and self.current_plan:
             self.peaks.append(int(peak))
             decision = memory_pressure(list(self.peaks), self.mem_budget_bytes,
@@ -151,13 +163,29 @@ class ElasticController:
             if node_id not in self.draining:
                 self.events.emit("node_draining", node_id=node_id, deadline_ms=deadline_ms)
         self.draining = dict(draining)
-        if initial or self.world_size is None or not self.jit_on_resize or self.pending:
+        if (initial or self.world_size is None or not self.jit_on_resize or self.pending
+                or time.time() < self.resize_hold_until):
             return
-        hosting = len(set(self.draining) & getattr(self, "worker_nodes", set()))
+        hosting_nodes = set(self.draining) & getattr(self, "worker_nodes", set())
         decision = resize_decision(self.world_size, self._placeable_workers(), self.min_workers,
-                                   self.max_workers, draining_workers=hosting)
-        if decision.checkpoint_now:
+                                   self.max_workers, draining_workers=len(hosting_nodes))
+        if not decision.checkpoint_now:
+            return
+        if hosting_nodes:
+            self._warn_if_deadline_too_short(hosting_nodes)
+            self.request_checkpoint("drain", restart=True, reason=decision.reason)
+        else:
             self.request_checkpoint("resize", restart=True, reason=decision.reason)
+
+    def _warn_if_deadline_too_short(self, nodes: set[str]) -> None:
+        deadlines_ms = [self.draining[n] for n in nodes if self.draining[n] > 0]
+        if not deadlines_ms or self.last_checkpoint_s is None:
+            return
+        left_s = min(deadlines_ms) / 1000 - time.time()
+        if left_s < self.last_checkpoint_s:
+            self.events.emit("warning", message=(
+                f"preemption deadline in {left_s:.1f} s is shorter than the last checkpoint "
+                f"({self.last_checkpoint_s:.1f} s); checkpointing anyway"))
 
     def _start_monitor(self, node_id: str) -> None:
         import ray
