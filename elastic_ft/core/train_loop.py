@@ -76,7 +76,7 @@ def train_worker(config: dict[str, Any]) -> None:
     m, a, g = plan["micro_batch"], plan["grad_accum"], plan["global_batch"]
 
     checkpoint = _newest_checkpoint(cfg, rank, ray.train.get_checkpoint()
-                                    or config.get("resume_from"))
+                                    or config.get("resume_from"), controller)
     state: dict[str, Any] | None = None
     ckpt_dir: Path | None = None
     ckpt_ctx = checkpoint.as_directory() if checkpoint is not None else None
@@ -193,6 +193,9 @@ def train_worker(config: dict[str, Any]) -> None:
         periodic = step % cfg.checkpoint.every_steps == 0 or step == total_steps
         if periodic or request is not None:
             t_ckpt = time.time()
+            if rank == 0 and request is not None:
+                controller.record.remote("jit_checkpoint_started", {
+                    "step": step, "reason": request["kind"]})
             # A just-in-time checkpoint must be registered before the group restarts: sync.
             sync = request is not None or cfg.checkpoint.upload == "sync"
             _save_and_report(engine, cfg, metrics, step, position, world, rank, plan, controller,
@@ -214,13 +217,14 @@ def train_worker(config: dict[str, Any]) -> None:
                                          "wall_s": round(time.time() - t_start, 3)})
 
 
-def _newest_checkpoint(cfg: RunConfig, rank: int, registered: Any) -> Any:
-    """Ray's registered checkpoint, or a newer verified one found in storage.
+def _newest_checkpoint(cfg: RunConfig, rank: int, registered: Any, controller: Any) -> Any:
+    """The newest checkpoint in storage that verifies, else Ray's registered one.
 
     Ray Train registers a reported checkpoint only when its controller next polls the
-    workers; a just-in-time checkpoint taken right before a node vanishes is fully uploaded
-    but may never be registered. Rank 0 scans the storage (local or mounted shared path) and
-    every rank loads the same one.
+    workers: a just-in-time checkpoint taken right before a node vanishes is fully uploaded
+    but may never be registered. And Ray's registered checkpoint may since have been
+    corrupted. So rank 0 verifies what storage holds (local or mounted shared path: manifests,
+    sizes, checksums), skips bad ones with an event, and every rank loads the same one.
     """
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -228,24 +232,18 @@ def _newest_checkpoint(cfg: RunConfig, rank: int, registered: Any) -> Any:
     from elastic_ft.core.checkpoint import find_latest_valid
     from elastic_ft.core.trainer import RUN_NAME
 
-    box: list[str | None] = [None]
+    box: list[str | None] = ["<registered>"]
     storage = cfg.resolved_storage_path()
     if rank == 0 and "://" not in storage:
-        latest = find_latest_valid(Path(storage) / RUN_NAME)
-        registered_step = _checkpoint_step(registered)
-        if latest is not None and int(latest.state["step"]) > registered_step:
-            box[0] = str(latest.path)
+        def skipped(message: str) -> None:
+            controller.record.remote("checkpoint_invalid", {"error": message})
+
+        latest = find_latest_valid(Path(storage) / RUN_NAME, log=skipped)
+        box[0] = str(latest.path) if latest is not None else None
     dist.broadcast_object_list(box, src=0)
-    return Checkpoint.from_directory(box[0]) if box[0] else registered
-
-
-def _checkpoint_step(checkpoint: Any) -> int:
-    if checkpoint is None:
-        return -1
-    import json
-
-    with checkpoint.as_directory() as path:
-        return int(json.loads((Path(path) / "state.json").read_text())["step"])
+    if box[0] == "<registered>":
+        return registered
+    return Checkpoint.from_directory(box[0]) if box[0] else None
 
 
 def _ray_train_preemption_info(tries: int = 6, interval_s: float = 0.5) -> Any:
@@ -291,7 +289,8 @@ def _save_and_report(engine: Any, cfg: RunConfig, metrics: dict[str, Any], step:
     t_saved = time.time()
     ray.train.report(dict(metrics, checkpoint_step=step),
                      checkpoint=Checkpoint.from_directory(tmp),
-                     checkpoint_dir_name=f"checkpoint_{step:08d}",
+                     # a step redone after a rollback must not reuse a registered name
+                     checkpoint_dir_name=f"checkpoint_{step:08d}_{int(t0 * 1000):d}",
                      checkpoint_upload_mode=CheckpointUploadMode.SYNC if sync
                      else CheckpointUploadMode.ASYNC,
                      delete_local_checkpoint_after_upload=True)

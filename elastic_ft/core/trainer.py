@@ -111,7 +111,8 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         ).remote(str(out), cfg.train.global_batch, max_micro, cfg.workers.min, cfg.workers.max,
                  resources, cfg.elastic.monitor_interval_s, mem_budget,
-                 cfg.elastic.jit_checkpoint_on_join, True, cfg.elastic.restart_wait_s)
+                 cfg.elastic.jit_checkpoint_on_join, True, cfg.elastic.restart_wait_s,
+                 cfg.elastic.preemption_urls, cfg.elastic.preemption_poll_s)
         ray.get(controller.ping.remote())
         num_workers: int | tuple[int, int] = (
             cfg.workers.min if cfg.workers.min == cfg.workers.max

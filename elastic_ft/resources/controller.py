@@ -28,7 +28,8 @@ class ElasticController:
                  min_workers: int, max_workers: int, resources_per_worker: dict[str, float],
                  monitor_interval_s: float = 1.0, mem_budget_bytes: int | None = None,
                  jit_on_resize: bool = True, start_monitors: bool = True,
-                 restart_wait_s: float = 45.0) -> None:
+                 restart_wait_s: float = 45.0, preemption_urls: list[str] | None = None,
+                 preemption_poll_s: float = 2.0) -> None:
         self.out = Path(output_dir)
         self.events = EventLog(self.out / "events.jsonl")
         self.metrics_path = self.out / "metrics.jsonl"
@@ -43,6 +44,9 @@ class ElasticController:
         # after a resize checkpoint, hold further requests while Ray Train restarts the group
         self.resize_hold_until = 0.0
         self.last_checkpoint_s: float | None = None
+        self.preemption_urls = list(preemption_urls or [])
+        self.preemption_poll_s = preemption_poll_s
+        self.noticed: dict[str, int] = {}  # node -> deadline (ms) from a cloud notice
         self.world_size: int | None = None
         self.current_plan: dict[str, Any] | None = None
         self.pending: dict[str, Any] | None = None
@@ -123,6 +127,14 @@ class ElasticController:
     def node_sample(self, sample: dict[str, Any]) -> None:
         self.node_samples[sample["node_id"]] = sample
 
+    def preemption_notice(self, node_id: str, notice: dict[str, Any]) -> None:
+        """A cloud metadata notice from a node's monitor: handled like a Ray drain."""
+        deadline_s = notice.get("deadline_s")
+        self.noticed[node_id] = int(deadline_s * 1000) if deadline_s else 0
+        self.events.emit("preemption_notice", node_id=node_id, source=notice["source"],
+                         cloud=notice["kind"], deadline_s=deadline_s, detail=notice["detail"])
+        self._watch_nodes()
+
     def picture(self) -> dict[str, Any]:
         return {"nodes": sorted(self.nodes), "world_size": self.world_size,
                 "plan": self.current_plan, "pending": self.pending,
@@ -158,11 +170,11 @@ class ElasticController:
             self.events.emit("node_lost", node_id=node_id)
             self.monitors.pop(node_id, None)
         self.nodes = alive
-        draining = ray._private.state.state.get_draining_nodes()
+        draining = dict(ray._private.state.state.get_draining_nodes())
         for node_id, deadline_ms in draining.items():
             if node_id not in self.draining:
                 self.events.emit("node_draining", node_id=node_id, deadline_ms=deadline_ms)
-        self.draining = dict(draining)
+        self.draining = {**draining, **{n: d for n, d in self.noticed.items() if n in alive}}
         if (initial or self.world_size is None or not self.jit_on_resize or self.pending
                 or time.time() < self.resize_hold_until):
             return
@@ -173,7 +185,8 @@ class ElasticController:
             return
         if hosting_nodes:
             self._warn_if_deadline_too_short(hosting_nodes)
-            self.request_checkpoint("drain", restart=True, reason=decision.reason)
+            kind = "preemption" if hosting_nodes & set(self.noticed) else "drain"
+            self.request_checkpoint(kind, restart=True, reason=decision.reason)
         else:
             self.request_checkpoint("resize", restart=True, reason=decision.reason)
 
@@ -196,7 +209,8 @@ class ElasticController:
         actor = ray.remote(num_cpus=0)(ResourceMonitor).options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             max_restarts=0,
-        ).remote(node_id, ray.get_runtime_context().current_actor, self.monitor_interval_s)
+        ).remote(node_id, ray.get_runtime_context().current_actor, self.monitor_interval_s,
+                 self.preemption_urls, self.preemption_poll_s)
         self.monitors[node_id] = actor
 
     def _watch_loop(self) -> None:

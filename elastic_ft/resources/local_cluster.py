@@ -132,7 +132,7 @@ class BackgroundRun:
             results = json.loads(snapshot.read_text())["checkpoint_results"]
         except (OSError, ValueError, KeyError):
             return []
-        return sorted(int(r["checkpoint_dir_name"].rsplit("_", 1)[1]) for r in results)
+        return sorted(int(r["checkpoint_dir_name"].split("_")[1]) for r in results)
 
     def last_world_size(self) -> int | None:
         rows = self.metrics()

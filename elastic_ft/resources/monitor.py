@@ -89,8 +89,12 @@ def sample_node(node_id: str, nvml: NvmlReader) -> NodeSample:
 class ResourceMonitor:
     """Ray actor body: samples its node every `interval_s` and pushes to the controller."""
 
-    def __init__(self, node_id: str, controller: Any, interval_s: float) -> None:
+    def __init__(self, node_id: str, controller: Any, interval_s: float,
+                 preemption_urls: list[str] | None = None, preemption_poll_s: float = 2.0
+                 ) -> None:
         import threading
+
+        from elastic_ft.resources.preemption import resolve_urls
 
         self.node_id = node_id
         self.controller = controller
@@ -99,6 +103,10 @@ class ResourceMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
+        self.preemption_urls = resolve_urls(preemption_urls or [])
+        if self.preemption_urls:
+            threading.Thread(target=self._watch_preemption, args=(preemption_poll_s,),
+                             daemon=True).start()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -107,6 +115,19 @@ class ResourceMonitor:
             except Exception:  # controller gone: the run is over
                 return
             self._stop.wait(self.interval_s)
+
+    def _watch_preemption(self, poll_s: float) -> None:
+        """Poll the cloud's metadata endpoints; report the first notice once."""
+        from elastic_ft.resources.preemption import first_notice
+
+        while not self._stop.wait(poll_s):
+            notice = first_notice(self.preemption_urls, timeout_s=min(1.0, poll_s))
+            if notice is not None:
+                try:
+                    self.controller.preemption_notice.remote(self.node_id, notice.to_dict())
+                except Exception:
+                    pass
+                return
 
     def sample(self) -> dict[str, Any]:
         return sample_node(self.node_id, self.nvml).to_dict()

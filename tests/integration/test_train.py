@@ -55,17 +55,28 @@ def test_lora_zero2_two_workers_then_resume_at_one(tmp_path, tiny_assets, ray_lo
     generated = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > ids["input_ids"].shape[1]
 
-    # run again on the same output dir, one worker: resumes at step 16, position kept
+    # corrupt the newest checkpoint (truncate one of its files), as a crash mid-write would
+    (newest,) = (out / "ray_storage" / "train").glob("checkpoint_00000016_*")
+    victim = max((p for p in (newest / "ds").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+    # run again on the same output dir, one worker: the bad checkpoint is reported and
+    # skipped, the run resumes from step 8 (the newest valid), data position kept
     report = json.loads((out / "data_report.json").read_text())
     steps_per_epoch = -(-report["blocks"] // 4)
     second = run_training(_cfg(tiny_assets, out, data, **{
         "train.max_steps": steps_per_epoch + 2, "train.global_batch": 4, "train.micro_batch": 1,
         "checkpoint.every_steps": 8, "train.log_sample_ids": True, "workers.min": 1,
         "workers.max": 1, "optim.lr": 0.02}), export=False)
-    resume = [e for e in read_events(out / "events.jsonl") if e["event"] == "resume"][-1]
-    assert resume["step"] == 16 and resume["world_size"] == 1 and resume["from_world_size"] == 2
+    events = read_events(out / "events.jsonl")
+    invalid = [e for e in events if e["event"] == "checkpoint_invalid"]
+    assert invalid and victim.name in invalid[0]["error"] and "checkpoint_00000016" in (
+        invalid[0]["error"])
+    resume = [e for e in events if e["event"] == "resume"][-1]
+    assert resume["step"] == 8 and resume["world_size"] == 1 and resume["from_world_size"] == 2
     assert resume["universal"] is True  # ZeRO-2 shards re-partitioned, optimizer kept
-    assert resume["position"] == {"epoch": 0, "consumed": 64}
+    assert resume["position"] == {"epoch": 0, "consumed": 32}
     assert second["world_size"] == 1 and second["steps"] == steps_per_epoch + 2
 
     # every kept sample of epoch 0 was trained exactly once across the two world sizes
@@ -87,3 +98,29 @@ def test_full_finetune_zero3(tmp_path, tiny_assets, ray_local) -> None:
 
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert sum(p.numel() for p in merged.parameters()) > 100_000
+
+
+def test_micro_batch_over_memory_cap_is_replanned_not_crashed(tmp_path, tiny_assets, ray_local):
+    """Plan time: micro-batch 4 is over the cap -> 2. Run time: the measured peak trend is
+    over the budget -> checkpoint, re-plan to 1 with more accumulation, resume. Same global
+    batch throughout, no crash."""
+    from elastic_ft.core.trainer import run_training
+
+    out = tmp_path / "mem"
+    cap_bytes = 8 * 1024**2  # the memory model: micro-batch 2 fits (6.4 MB), 4 does not (11.8)
+    summary = run_training(_cfg(tiny_assets, out, **{
+        "train.max_steps": 8, "train.global_batch": 4, "train.micro_batch": 4,
+        "train.mem_cap_bytes": cap_bytes, "workers.min": 1, "workers.max": 1,
+        "checkpoint.every_steps": 100}), export=False)
+    events = read_events(out / "events.jsonl")
+    capped = [e for e in events if e["event"] == "micro_batch_capped"]
+    assert capped and capped[0]["requested"] == 4 and capped[0]["chosen"] == 2
+    plans = [(e["micro_batch"], e["grad_accum"], e["global_batch"]) for e in events
+             if e["event"] == "plan"]
+    assert plans == [(2, 2, 4), (1, 4, 4)]
+    replans = [e for e in events if e["event"] == "replan_memory"]
+    assert replans and replans[0]["max_micro_batch"] == 1
+    jit = [e for e in events if e["event"] == "jit_checkpoint"]
+    resume = [e for e in events if e["event"] == "resume"]
+    assert jit[0]["reason"] == "memory" and resume[0]["step"] == jit[0]["step"]
+    assert summary["steps"] == 8
