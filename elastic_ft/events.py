@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,15 @@ def redact(value: Any) -> Any:
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value
+
+
+_SECRET_ASSIGNMENT = re.compile(
+    r"((?:%s)[A-Za-z_]*\s*[:=]\s*)[\"']?[^\s\"',}]+" % "|".join(SECRET_MARKERS), re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """`HF_TOKEN=hf_abc` -> `HF_TOKEN=<redacted>` in free text such as streamed job logs."""
+    return _SECRET_ASSIGNMENT.sub(r"\1<redacted>", text)
 
 
 class EventLog:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from elastic_ft.events import redact
+from elastic_ft.events import redact_text
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -34,7 +34,7 @@ def submit_job(config: str, address: str, overrides: list[str], wait: bool = Tru
     while time.time() < deadline:
         logs = client.get_job_logs(job_id)
         if len(logs) > printed:
-            echo(str(redact(logs[printed:])).rstrip())
+            echo(redact_text(logs[printed:]).rstrip())
             printed = len(logs)
         status = client.get_job_status(job_id).value
         if status in TERMINAL:
