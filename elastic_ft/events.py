@@ -29,7 +29,8 @@ def redact(value: Any) -> Any:
 
 
 _SECRET_ASSIGNMENT = re.compile(
-    r"((?:%s)[A-Za-z_]*\s*[:=]\s*)[\"']?[^\s\"',}]+" % "|".join(SECRET_MARKERS), re.IGNORECASE)
+    r"((?:" + "|".join(SECRET_MARKERS) + r")[A-Za-z_]*\s*[:=]\s*)[\"']?[^\s\"',}]+",
+    re.IGNORECASE)
 
 
 def redact_text(text: str) -> str:
