@@ -156,5 +156,50 @@ def stop(job_id: str, address: str) -> None:
     click.echo("stopped" if JobSubmissionClient(address).stop_job(job_id) else "not running")
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks run as Ray Tune experiments: JSON, a Markdown table and PNG plots."""
+
+
+@bench.command("scaling")
+@click.argument("config")
+@click.option("--workers", default="1,2", show_default=True, help="worker counts, e.g. 1,2,4")
+@click.option("--steps", default=10, show_default=True)
+@click.option("--warmup-steps", default=2, show_default=True)
+@click.option("--mode", type=click.Choice(["both", "strong", "weak"]), default="both",
+              show_default=True)
+@click.option("--out", type=click.Path(), default=None,
+              help="default: benchmarks/results/<hardware-tag>/")
+@click.option("--set", "overrides", multiple=True)
+def bench_scaling(config: str, workers: str, steps: int, warmup_steps: int, mode: str,
+                  out: str | None, overrides: tuple[str, ...]) -> None:
+    """Tokens/s, per-worker tokens/s, strong/weak efficiency and MFU for each worker count."""
+    from elastic_ft.bench.report import default_out_dir, scaling_markdown, write_scaling
+    from elastic_ft.bench.scaling import run_scaling
+
+    cfg = _config(config, overrides)
+    counts = [int(w) for w in workers.split(",")]
+    modes = ("strong", "weak") if mode == "both" else (mode,)
+    work = Path(out or "runs/bench") / "work"
+    result = run_scaling(cfg, counts, work, steps=steps, warmup_steps=warmup_steps,
+                         modes=modes)
+    paths = write_scaling(result, Path(out) if out else default_out_dir(result))
+    click.echo(scaling_markdown(result))
+    click.echo(json.dumps({k: str(v) for k, v in paths.items()}))
+
+
+@bench.command("compare")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--png", type=click.Path(), default=None, help="also plot them together")
+def bench_compare(results: tuple[str, ...], png: str | None) -> None:
+    """Put scaling results from different machines side by side."""
+    from elastic_ft.bench.report import compare_markdown, scaling_plot
+
+    loaded = [json.loads(Path(r).read_text()) for r in results]
+    click.echo(compare_markdown(loaded))
+    if png:
+        click.echo(f"plot: {scaling_plot(loaded, Path(png))}")
+
+
 if __name__ == "__main__":
     main()

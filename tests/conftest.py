@@ -26,6 +26,7 @@ def ray_local():
     if ray.is_initialized():  # a fake-node cluster of another module
         ray.shutdown()
     # 4 logical CPUs on a 2-core box: training workers and data tasks never starve each other.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # address="local": never attach to a `ray start` head another test left on this machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -33,8 +33,9 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", include_dashboard=True,
-                 log_to_driver=True)
+        # "local": a new embedded cluster, even if a `ray start` head runs on this machine
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
+                 include_dashboard=True, log_to_driver=True)
     return True
 
 

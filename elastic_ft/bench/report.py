@@ -1,0 +1,81 @@
+"""Benchmark results as JSON, Markdown tables and PNG plots; several machines side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from elastic_ft.bench.hardware import hardware_tag
+
+
+def default_out_dir(result: dict[str, Any]) -> Path:
+    return Path("benchmarks") / "results" / hardware_tag(result["hardware"])
+
+
+def scaling_markdown(result: dict[str, Any]) -> str:
+    hw = result["hardware"]
+    device = (f"{hw['gpu_count']} x {hw['gpus'][0]['name']}" if hw["gpus"]
+              else f"{hw['cpu_model']} ({hw['cpu_cores']} cores)")
+    lines = [f"Scaling on {device}, {result['method']} ZeRO-{result['zero_stage']}, seq "
+             f"{result['seq_len']}; MFU peak {result['peak_flops_per_s']:.3g} FLOP/s "
+             f"({result['peak_source']}); commit {str(hw.get('commit'))[:10]}", "",
+             "| mode | workers | global batch | tokens/s | tokens/s/worker | efficiency | MFU |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['mode']} | {r['workers']} | {r['global_batch']} | "
+                     f"{r['tokens_per_s']:.0f} | {r['tokens_per_s_per_worker']:.0f} | "
+                     f"{r['efficiency']:.0%} | {r['mfu']:.2%} |")
+    return "\n".join(lines) + "\n"
+
+
+def scaling_plot(results: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tps, ax_eff) = plt.subplots(1, 2, figsize=(10, 4))
+    for result in results:
+        tag = hardware_tag(result["hardware"])
+        for mode in sorted({r["mode"] for r in result["rows"]}):
+            rows = [r for r in result["rows"] if r["mode"] == mode]
+            workers = [r["workers"] for r in rows]
+            ax_tps.plot(workers, [r["tokens_per_s"] for r in rows], marker="o",
+                        label=f"{tag} {mode}")
+            ax_eff.plot(workers, [r["efficiency"] for r in rows], marker="o",
+                        label=f"{tag} {mode}")
+    ax_tps.set(xlabel="workers", ylabel="tokens/s", title="throughput")
+    ax_eff.set(xlabel="workers", ylabel="efficiency vs 1 worker", title="scaling efficiency",
+               ylim=(0, 1.2))
+    for ax in (ax_tps, ax_eff):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_scaling(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "scaling.json", "markdown": out_dir / "scaling.md",
+             "png": out_dir / "scaling.png"}
+    paths["json"].write_text(json.dumps(result, indent=2))
+    paths["markdown"].write_text(scaling_markdown(result))
+    scaling_plot([result], paths["png"])
+    return paths
+
+
+def compare_markdown(results: list[dict[str, Any]]) -> str:
+    """One table, one row per (machine, mode, workers): the machines side by side."""
+    lines = ["| hardware | commit | mode | workers | tokens/s | tokens/s/worker | efficiency "
+             "| MFU |", "|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        tag, commit = hardware_tag(result["hardware"]), str(result["hardware"].get("commit"))
+        for r in result["rows"]:
+            lines.append(f"| {tag} | {commit[:10]} | {r['mode']} | {r['workers']} | "
+                         f"{r['tokens_per_s']:.0f} | {r['tokens_per_s_per_worker']:.0f} | "
+                         f"{r['efficiency']:.0%} | {r['mfu']:.2%} |")
+    return "\n".join(lines) + "\n"
