@@ -55,7 +55,14 @@ class EventLog:
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a JSONL log; a line cut short by a killed writer is skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -69,6 +69,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     node_ids = [None] * world
     dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    pids = [0] * world
+    dist.all_gather_object(pids, os.getpid())
     plan = ray.get(controller.plan.remote(world, node_ids)) if rank == 0 else None
     box = [plan]
     dist.broadcast_object_list(box, src=0)
@@ -109,6 +111,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         trainable, total = trainable_parameters(engine.module)
         controller.record.remote("start", {"world_size": world, "step": step, "plan": plan,
+                                           "pids": pids, "nodes": node_ids,
                                            "trainable_params": trainable, "total_params": total})
 
     device = engine.device

@@ -135,6 +135,8 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         )
         try:
             trainer.fit()
+        except Exception as error:
+            raise _failed_run(error, cfg, storage, events) from error
         finally:
             try:
                 ray.get(controller.shutdown.remote(), timeout=10)
@@ -155,7 +157,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
 
 
 def write_summary(cfg: RunConfig, out: Path, report: Any, wall_s: float) -> dict[str, Any]:
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_events(out / "metrics.jsonl")
     events = read_events(out / "events.jsonl")
     ends = [e for e in events if e["event"] == "end"]
     plans = [e for e in events if e["event"] == "plan"]
@@ -194,3 +196,17 @@ def _wall_tokens_per_s(metrics: list[dict[str, Any]]) -> float:
         return 0.0
     span_s = metrics[-1]["t"] - metrics[0]["t"]
     return sum(m["trained_real_tokens"] for m in metrics[1:]) / max(1e-9, span_s)
+
+
+def _failed_run(error: Exception, cfg: RunConfig, storage: str, events: EventLog) -> RuntimeError:
+    """Ray Train gave up (failure budget spent, or a non-retryable error): say what is left."""
+    latest = find_latest_valid(Path(storage) / RUN_NAME) if "://" not in storage else None
+    restarts = len([e for e in read_events(events.path) if e["event"] == "resume"])
+    where = (f"newest valid checkpoint: {latest.path} (step {latest.state['step']})"
+             if latest else "no valid checkpoint was written")
+    message = (f"elastic_ft: training stopped after the failure budget was spent or a "
+               f"non-retryable error (workers.max_failures={cfg.workers.max_failures}, "
+               f"restarts so far {restarts}); {where}; re-run the same command to resume. "
+               f"Cause: {str(error).splitlines()[0][:300]}")
+    events.emit("run_failed", message=message)
+    return RuntimeError(message)

@@ -1,0 +1,124 @@
+"""Chaos on a real local Ray: killed workers, a killed driver, a failure budget running out.
+
+(Node removal, drain and a corrupted checkpoint are in test_elastic.py and test_train.py.)
+Every scenario ends at max steps with each sample of the epoch trained once and the losses
+of an undisturbed run, or, past the failure budget, with a clear error and a valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from elastic_ft.config import load_config
+from elastic_ft.core.checkpoint import find_latest_valid
+from elastic_ft.events import read_events
+from elastic_ft.resources.local_cluster import BackgroundRun
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.ray
+STEPS = 120
+LOSS_TOLERANCE = 1e-4  # see test_elastic.py: restarts change summation order only
+
+
+def _overrides(tiny_assets: Path, out: Path, **extra) -> dict:
+    return {"model.name_or_path": str(tiny_assets), "output_dir": str(out),
+            "train.max_steps": STEPS, "checkpoint.every_steps": 20, "optim.lr": 0.003,
+            "train.log_sample_ids": True, "workers.start_timeout_s": 10, **extra}
+
+
+def _cfg(tiny_assets: Path, out: Path, **extra):
+    return load_config(ROOT / "configs" / "tiny-lora-cpu.yaml",
+                       _overrides(tiny_assets, out, **extra))
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _each_sample_once(out: Path) -> None:
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    report = json.loads((out / "data_report.json").read_text())
+    epoch0 = [s for step in range(1, report["blocks"] // 8 + 1) for s in rows[step]["sample_ids"]]
+    assert len(epoch0) == len(set(epoch0)) >= report["kept"] * 0.95
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tiny_assets, ray_local, tmp_path_factory) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("undisturbed")
+    BackgroundRun(_cfg(tiny_assets, out)).join(300)
+    return _losses(out)
+
+
+def _worker_pids(run: BackgroundRun) -> list[int]:
+    starts = [e for e in run.events() if e["event"] == "start"]
+    return starts[-1]["pids"] if starts else []
+
+
+def test_sigkill_worker_mid_run(tiny_assets, ray_local, undisturbed, tmp_path) -> None:
+    out = tmp_path / "kill"
+    run = BackgroundRun(_cfg(tiny_assets, out))
+    run.wait_until(lambda r: bool(r.registered_checkpoint_steps()) and _worker_pids(r), 240,
+                   "a registered checkpoint")
+    victim = _worker_pids(run)[1]
+    os.kill(victim, signal.SIGKILL)
+    summary = run.join(300)
+    assert summary["steps"] == STEPS and summary["restarts"] == 1
+    losses = _losses(out)
+    assert max(abs(losses[s] - undisturbed[s]) for s in undisturbed) <= LOSS_TOLERANCE
+    _each_sample_once(out)
+
+
+def test_failure_budget_exhausted_stops_with_clear_error(tiny_assets, ray_local, tmp_path):
+    out = tmp_path / "budget"
+    run = BackgroundRun(_cfg(tiny_assets, out, **{"workers.max_failures": 1}))
+    for attempt in range(2):  # two faults in a row; the budget allows one
+        run.wait_until(lambda r, n=attempt: len(
+            [e for e in r.events() if e["event"] == "start"]) > n and _worker_pids(r), 240,
+            f"worker group {attempt + 1} started")
+        run.wait_until(lambda r: bool(r.registered_checkpoint_steps()), 120, "a checkpoint")
+        os.kill(_worker_pids(run)[0], signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=r"failure budget .*max_failures=1.*re-run"):
+        run.join(300)
+    assert find_latest_valid(out / "ray_storage" / "train") is not None
+    assert [e for e in read_events(out / "events.jsonl") if e["event"] == "run_failed"]
+
+
+def test_driver_killed_then_same_command_resumes(tiny_assets, undisturbed, tmp_path) -> None:
+    out = tmp_path / "driver"
+    sets = [a for k, v in _overrides(tiny_assets, out).items()
+            for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}")]
+    cmd = [sys.executable, "-m", "elastic_ft.cli", "train", "configs/tiny-lora-cpu.yaml",
+           "--no-export", *sets]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    storage = out / "ray_storage" / "train"
+    deadline = time.time() + 240
+    while find_latest_valid(storage) is None:
+        assert time.time() < deadline and driver.poll() is None, "no checkpoint before kill"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray, no warning
+    driver.wait(30)
+    trained = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(trained) < STEPS  # killed mid-run
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    resume = [e for e in read_events(out / "events.jsonl") if e["event"] == "resume"]
+    assert resume and resume[-1]["step"] >= 20
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert max(abs(losses[s] - undisturbed[s]) for s in undisturbed) <= LOSS_TOLERANCE
+    _each_sample_once(out)
