@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -197,14 +196,6 @@ def trial(system: str, model: Path, work: Path) -> list[dict[str, Any]]:
         cluster.shutdown()
 
 
-def hardware_tag() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0).replace(" ", "_")
-    return f"cpu-{os.cpu_count()}core"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=3)
@@ -241,12 +232,13 @@ def main() -> None:
                 "median_recovery_s": statistics.median(r["recovery_s"] for r in sel),
                 "median_steps_lost": statistics.median(r["steps_lost"] for r in sel),
                 "runs": len(sel)}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    result = {"benchmark": "elastic_recovery", "commit": commit, "platform": platform.platform(),
-              "cpu_count": os.cpu_count(), "checkpoint_every_steps": CHECKPOINT_EVERY,
+    from elastic_ft.bench.hardware import hardware_record, hardware_tag
+
+    hardware = hardware_record()
+    result = {"benchmark": "elastic_recovery", "hardware": hardware,
+              "checkpoint_every_steps": CHECKPOINT_EVERY,
               "resize_interval_s": RESIZE_INTERVAL_S, "summary": summary, "rows": rows}
-    out = Path(__file__).parent / "results" / hardware_tag() / "elastic_recovery.json"
+    out = Path(__file__).parent / "results" / hardware_tag(hardware) / "elastic_recovery.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(summary, indent=2))

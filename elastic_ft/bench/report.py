@@ -79,3 +79,14 @@ def compare_markdown(results: list[dict[str, Any]]) -> str:
                          f"{r['tokens_per_s']:.0f} | {r['tokens_per_s_per_worker']:.0f} | "
                          f"{r['efficiency']:.0%} | {r['mfu']:.2%} |")
     return "\n".join(lines) + "\n"
+
+
+def overhead_markdown(result: dict[str, Any]) -> str:
+    tps = result["tokens_per_s"]
+    lines = [f"Overhead at world size {result['world_size']}, global batch "
+             f"{result['global_batch']}, {result['steps']} steps ({result['warmup_steps']} "
+             "warm-up): trainable tokens per second", "",
+             "| loop | tokens/s | elastic_ft / this |", "|---|---|---|"]
+    for name in ("elastic_ft", "plain_deepspeed", "hf_trainer"):
+        lines.append(f"| {name} | {tps[name]:.0f} | {tps['elastic_ft'] / tps[name]:.3f} |")
+    return "\n".join(lines) + "\n"

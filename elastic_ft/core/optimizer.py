@@ -73,9 +73,26 @@ def resolve_max_micro_batch(cfg: RunConfig, use_gpu: bool, events: Any) -> tuple
         return chosen, budget
     probed = run_probe(cfg, budget, limit=limit, use_gpu=use_gpu)
     chosen = max(1, min(probed["largest_fit"] or 1, limit))
+    calibration = calibrate(cfg, probed["peaks"], use_gpu)
     events.emit("micro_batch_auto", modelled=modelled, probed=probed["largest_fit"],
-                chosen=chosen, budget_bytes=budget, peaks=probed["peaks"])
+                chosen=chosen, budget_bytes=budget, peaks=probed["peaks"],
+                calibration=calibration)
     return chosen, budget
+
+
+def calibrate(cfg: RunConfig, peaks: dict[str, int | None], use_gpu: bool) -> dict[str, Any]:
+    """Measured / modelled peak at each probed size: the factor the model is off by here.
+
+    The median ratio is reported (and could scale later estimates); on CPU the measure is
+    RSS growth, which includes allocator slack the GPU model does not have.
+    """
+    ratios = {}
+    for m, measured in peaks.items():
+        if measured:
+            modelled = estimate_for(cfg, cfg.workers.min, int(m), use_gpu).total_bytes
+            ratios[m] = round(measured / max(1, modelled), 3)
+    values = sorted(ratios.values())
+    return {"ratios": ratios, "median": values[len(values) // 2] if values else None}
 
 
 class _RssPeak:

@@ -66,3 +66,37 @@ def test_bench_scaling_and_compare_end_to_end(tmp_path, tiny_assets, ray_local) 
                                     str(second), "--png", str(tmp_path / "cmp.png")])
     assert compared.exit_code == 0, compared.output
     assert "cpu-64core" in compared.output and (tmp_path / "cmp.png").exists()
+
+
+@pytest.mark.ray
+def test_bench_matrix_with_lomo_end_to_end(tmp_path, tiny_assets, ray_local) -> None:
+    from elastic_ft.cli import main
+
+    out = tmp_path / "matrix"
+    done = CliRunner().invoke(main, [
+        "bench", "matrix", str(ROOT / "configs" / "tiny-lora-cpu.yaml"), "--methods", "full",
+        "--zero", "2", "--ckpt", "off", "--attn", "sdpa", "--steps", "3", "--out", str(out),
+        "--set", f"model.name_or_path={tiny_assets}", "--set", f"output_dir={tmp_path / 'o'}"])
+    assert done.exit_code == 0, done.output + repr(done.exception)
+    result = json.loads((out / "matrix.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["full", "lomo"]
+    for row in result["rows"]:
+        assert "error" not in row and row["peak_mem_bytes"] > 0 and row["median_step_s"] > 0
+    assert (out / "matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| lomo | - | off | sdpa | 1 |" in (out / "matrix.md").read_text()
+
+
+@pytest.mark.ray
+def test_bench_overhead_end_to_end(tmp_path, tiny_assets, ray_local) -> None:
+    from elastic_ft.cli import main
+
+    out = tmp_path / "overhead"
+    done = CliRunner().invoke(main, [
+        "bench", "overhead", str(ROOT / "configs" / "tiny-lora-cpu.yaml"), "--steps", "8",
+        "--warmup-steps", "2", "--out", str(out),
+        "--set", f"model.name_or_path={tiny_assets}", "--set", f"output_dir={tmp_path / 'o'}"])
+    assert done.exit_code == 0, done.output + repr(done.exception)
+    result = json.loads((out / "overhead.json").read_text())
+    assert set(result["tokens_per_s"]) == {"elastic_ft", "plain_deepspeed", "hf_trainer"}
+    assert all(v > 0 for v in result["tokens_per_s"].values())
+    assert result["elastic_ft_vs_plain"] > 0 and "| hf_trainer |" in done.output

@@ -124,3 +124,22 @@ def test_micro_batch_over_memory_cap_is_replanned_not_crashed(tmp_path, tiny_ass
     resume = [e for e in events if e["event"] == "resume"]
     assert jit[0]["reason"] == "memory" and resume[0]["step"] == jit[0]["step"]
     assert summary["steps"] == 8
+
+
+def test_micro_batch_auto_probes_and_trains(tmp_path, tiny_assets, ray_local) -> None:
+    from elastic_ft.core.trainer import run_training
+
+    out = tmp_path / "auto"
+    summary = run_training(_cfg(tiny_assets, out, **{
+        "train.micro_batch": "auto", "train.max_steps": 3, "checkpoint.every_steps": 3}),
+        export=False)
+    events = read_events(out / "events.jsonl")
+    (auto,) = [e for e in events if e["event"] == "micro_batch_auto"]
+    # the probe ran real steps at doubling sizes and measured each one
+    assert auto["probed"] >= 1 and len(auto["peaks"]) >= 2
+    assert all(v is None or v > 0 for v in auto["peaks"].values())
+    assert auto["chosen"] == min(auto["probed"], 8) and auto["calibration"]["median"] > 0
+    plan = [e for e in events if e["event"] == "plan"][0]
+    assert plan["micro_batch"] <= auto["chosen"]
+    assert plan["micro_batch"] * plan["grad_accum"] * plan["world_size"] == 8
+    assert summary["steps"] == 3 and summary["final_loss"] > 0

@@ -1,0 +1,141 @@
+"""Data pipeline throughput: elastic_ft (Ray Data) against `datasets.map`, same file, one run.
+
+Both sides tokenise the same rows with the same template and tokenizer. elastic_ft's figure is
+the whole `prepare_data`: read, detect, normalise, validate, tokenise, dedup, pack, write
+blocks, quarantine and report; `datasets.map` only normalises and tokenises. Also reported:
+the trainer's time waiting for data as a share of step time, from a short real training run.
+
+    python benchmarks/data_pipeline.py [--rows 100000] [--repeats 3]
+Writes benchmarks/results/<hardware>/data_pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_corpus(path: Path, rows: int) -> None:
+    base = [json.loads(x) for x in (ROOT / "data" / "sample" / "alpaca.jsonl").read_text()
+            .splitlines()]
+    with open(path, "w") as f:
+        for i in range(rows):
+            row = dict(base[i % len(base)])
+            row["input"] = f"{row.get('input', '')} #{i}"  # unique: nothing deduplicated
+            f.write(json.dumps(row) + "\n")
+
+
+def time_elastic_ft(corpus: Path, tokenizer: Path, work: Path, engine: str) -> float:
+    from elastic_ft.config import DataConfig
+    from elastic_ft.data.pipeline import prepare_data
+
+    out = work / f"eft-{engine}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    prepare_data(DataConfig(paths=[str(corpus)], seq_len=128), str(tokenizer), out,
+                 engine=engine)
+    return time.perf_counter() - t0
+
+
+def time_datasets_map(corpus: Path, tokenizer_path: Path, work: Path, num_proc: int) -> float:
+    import datasets
+
+    from elastic_ft.data.formats import normalise
+    from elastic_ft.data.tokenize import load_tokenizer, tokenize_rows
+
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
+    tokenizer = load_tokenizer(str(tokenizer_path))
+
+    def tokenise(batch: dict) -> dict:
+        rows = [normalise(dict(zip(batch, values, strict=True)), "alpaca")
+                for values in zip(*batch.values(), strict=True)]
+        pairs = tokenize_rows(rows, tokenizer, "completion", "default")
+        return {"input_ids": [p[0] for p in pairs], "labels": [p[1] for p in pairs]}
+
+    t0 = time.perf_counter()
+    ds = datasets.load_dataset("json", data_files=str(corpus), split="train",
+                               cache_dir=str(work / "hf-cache"))
+    ds.map(tokenise, batched=True, batch_size=1000, remove_columns=ds.column_names,
+           num_proc=num_proc if num_proc > 1 else None)
+    return time.perf_counter() - t0
+
+
+def data_wait_share(tiny_model: Path, work: Path) -> dict:
+    from elastic_ft.config import load_config
+    from elastic_ft.core.trainer import run_training
+
+    cfg = load_config(ROOT / "configs" / "tiny-lora-cpu.yaml", {
+        "model.name_or_path": str(tiny_model), "output_dir": str(work / "train"),
+        "train.max_steps": 40, "checkpoint.every_steps": 40})
+    summary = run_training(cfg, export=False)
+    return {"data_wait_share": summary["data_wait_share"], "steps": summary["steps"],
+            "median_step_s": summary["median_step_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import ray
+
+    from elastic_ft.bench.hardware import hardware_record, hardware_tag
+    from elastic_ft.core.tiny_assets import make_tiny_assets
+
+    work = Path(tempfile.mkdtemp(prefix="eft_databench_"))
+    make_tiny_assets(work / "assets")
+    corpus = work / "corpus.jsonl"
+    make_corpus(corpus, args.rows)
+    cores = os.cpu_count() or 1
+    ray.init(address="local", num_cpus=max(4, cores), include_dashboard=False,
+             log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    times: dict[str, list[float]] = {"elastic_ft_ray": [], "elastic_ft_local": [],
+                                     "datasets_map": [], "datasets_map_1proc": []}
+    for _ in range(args.repeats):  # interleaved, so drift hits every side alike
+        times["elastic_ft_ray"].append(time_elastic_ft(corpus, work / "assets" / "tokenizer",
+                                                       work, "ray"))
+        times["elastic_ft_local"].append(time_elastic_ft(
+            corpus, work / "assets" / "tokenizer", work, "local"))
+        times["datasets_map"].append(time_datasets_map(corpus, work / "assets" / "tokenizer",
+                                                       work, cores))
+        times["datasets_map_1proc"].append(time_datasets_map(
+            corpus, work / "assets" / "tokenizer", work, 1))
+    rows_per_s = {k: args.rows / statistics.median(v) for k, v in times.items()}
+    wait = data_wait_share(work / "assets" / "model", work)
+    ray.shutdown()
+    hardware = hardware_record()
+    result = {
+        "benchmark": "data_pipeline", "rows": args.rows, "repeats": args.repeats,
+        "hardware": hardware, "seconds": times, "median_rows_per_s": rows_per_s,
+        "ratio_ray_vs_datasets_map": rows_per_s["elastic_ft_ray"] / rows_per_s["datasets_map"],
+        "ratio_local_vs_datasets_map_1proc":
+            rows_per_s["elastic_ft_local"] / rows_per_s["datasets_map_1proc"],
+        "training": wait,
+        "note": "elastic_ft includes validation, dedup, packing and writing; datasets.map "
+                "only normalises and tokenises",
+    }
+    out = ROOT / "benchmarks" / "results" / hardware_tag(hardware) / "data_pipeline.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("median_rows_per_s", "ratio_ray_vs_datasets_map",
+                                             "ratio_local_vs_datasets_map_1proc", "training")},
+                     indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

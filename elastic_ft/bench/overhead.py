@@ -1,0 +1,176 @@
+"""`elastic-ft bench overhead`: elastic_ft against a plain loop and against Ray Train + HF Trainer.
+
+Same model, data, global batch, world size and steps, measured in one run:
+  - `elastic_ft`: the real recipe (controller, metrics, checkpoints at the end);
+  - `plain_deepspeed`: a hand-written loop over the same DeepSpeed engine and the same packed
+    blocks, launched by the same TorchTrainer, with nothing else: the floor;
+  - `hf_trainer`: what a user would pick instead: TorchTrainer running `transformers.Trainer`
+    on the same samples unpacked and padded per batch (no packing).
+Throughput counts trainable (loss-bearing) tokens per wall second after `warmup_steps`, so
+packing's gain over padding shows up as tokens/s rather than as samples/s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from elastic_ft.config import RunConfig
+
+
+def _timed_rows(path: Path, warmup_steps: int) -> float:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    timed = [r for r in rows if r["step"] > warmup_steps]
+    span_s = timed[-1]["t"] - rows[warmup_steps - 1]["t"] if warmup_steps else (
+        timed[-1]["t"] - timed[0]["t"])
+    return sum(r["trainable_tokens"] for r in timed) / span_s
+
+
+def plain_deepspeed_loop(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import torch
+
+    from elastic_ft.core.engine import build_engine
+    from elastic_ft.core.model import load_model
+    from elastic_ft.data.prepared import DataPosition, PreparedData, rank_slots
+    from elastic_ft.resources.policy import plan_batches
+
+    cfg = RunConfig.model_validate(config["run"])
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    data = PreparedData(ray.get(config["blocks_ref"]))
+    g, steps = cfg.train.global_batch, config["steps"]
+    plan = plan_batches(g, world, int(cfg.train.micro_batch))
+    engine, _ = build_engine(cfg, load_model(cfg), plan, steps, False)
+    position = DataPosition()
+    for step in range(1, steps + 1):
+        indices, position = data.global_batch(position, g, cfg.train.seed, cfg.data.shuffle)
+        n = max(1, data.trainable_tokens(indices))
+        for slot in rank_slots(indices, world, rank, plan.micro_batch, plan.grad_accum):
+            batch = {k: v.to(engine.device) for k, v in data.batch(slot).items()}
+            out = engine(**batch, use_cache=False, num_items_in_batch=torch.tensor(
+                n / (world * plan.grad_accum)))
+            engine.backward(out.loss)
+            engine.step()
+        if rank == 0:
+            with open(config["metrics"], "a") as f:
+                f.write(json.dumps({"step": step, "t": time.time(), "trainable_tokens": n}) + "\n")
+
+
+def unpack_samples(table: Any) -> list[dict[str, list[int]]]:
+    """The packed blocks back into samples: a sample starts where position ids restart."""
+    samples = []
+    for ids, labels, pos in zip(table.column("input_ids").to_pylist(),
+                                table.column("labels").to_pylist(),
+                                table.column("position_ids").to_pylist(), strict=True):
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        for a, b in zip(starts, starts[1:], strict=False):
+            if any(label != -100 for label in labels[a:b]):
+                samples.append({"input_ids": ids[a:b], "labels": labels[a:b]})
+    return samples
+
+
+def hf_trainer_loop(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    from datasets import Dataset
+    from ray.train.huggingface.transformers import prepare_trainer
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from elastic_ft.core.model import load_model, tokenizer_path
+    from elastic_ft.resources.policy import plan_batches
+
+    cfg = RunConfig.model_validate(config["run"])
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    samples = unpack_samples(ray.get(config["blocks_ref"]))
+    tokens_per_sample = sum(sum(x != -100 for x in s["labels"]) for s in samples) / len(samples)
+    plan = plan_batches(cfg.train.global_batch, world, int(cfg.train.micro_batch))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(cfg))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    metrics_path, global_samples = config["metrics"], cfg.train.global_batch
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": state.global_step, "t": time.time(),
+                                        "trainable_tokens": tokens_per_sample * global_samples})
+                            + "\n")
+
+    args = TrainingArguments(
+        output_dir=config["out_dir"], per_device_train_batch_size=plan.micro_batch,
+        gradient_accumulation_steps=plan.grad_accum, max_steps=config["steps"],
+        learning_rate=cfg.optim.lr, lr_scheduler_type="cosine", logging_steps=10**6,
+        save_strategy="no", report_to=[], use_cpu=not config["use_gpu"],
+        bf16=cfg.train.precision == "bf16", dataloader_num_workers=0, seed=cfg.train.seed)
+    trainer = Trainer(model=load_model(cfg), args=args, train_dataset=Dataset.from_list(samples),
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+                      callbacks=[StepTimes()])
+    prepare_trainer(trainer).train()
+
+
+def run_overhead(cfg: RunConfig, out_dir: Path, steps: int = 30, warmup_steps: int = 5
+                 ) -> dict[str, Any]:
+    import ray
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from elastic_ft.bench.hardware import hardware_record
+    from elastic_ft.core.model import tokenizer_path
+    from elastic_ft.core.trainer import ensure_ray, resolve_use_gpu, run_training
+    from elastic_ft.data.pipeline import prepare_data
+
+    cfg = cfg.with_absolute_paths()
+    if cfg.train.micro_batch == "auto":
+        raise ValueError("bench overhead needs a fixed train.micro_batch (the same on all sides)")
+    out_dir = out_dir.resolve()
+    started = ensure_ray()
+    try:
+        world = cfg.workers.max
+        use_gpu = resolve_use_gpu(cfg)
+        prepared, _ = prepare_data(cfg.data, tokenizer_path(cfg), out_dir / "data")
+        blocks_ref = ray.put(prepared.table)
+        tps: dict[str, float] = {}
+        for name, loop in (("plain_deepspeed", plain_deepspeed_loop),
+                           ("hf_trainer", hf_trainer_loop)):
+            metrics = out_dir / f"{name}.jsonl"
+            metrics.unlink(missing_ok=True)
+            TorchTrainer(loop, train_loop_config={
+                "run": cfg.to_dict(), "blocks_ref": blocks_ref, "steps": steps,
+                "metrics": str(metrics), "out_dir": str(out_dir / name), "use_gpu": use_gpu},
+                scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu),
+                run_config=RayRunConfig(name=name, storage_path=str(out_dir / "ray"))).fit()
+            tps[name] = _timed_rows(metrics, warmup_steps)
+        ours = cfg.model_copy(update={
+            "output_dir": str(out_dir / "elastic_ft"), "storage_path": None,
+            "train": cfg.train.model_copy(update={"max_steps": steps}),
+            "workers": cfg.workers.model_copy(update={"min": world, "max": world}),
+            "checkpoint": cfg.checkpoint.model_copy(update={"every_steps": steps})})
+        run_training(ours, export=False)
+        rows = [json.loads(x) for x in (out_dir / "elastic_ft" / "metrics.jsonl").read_text()
+                .splitlines()]
+        (out_dir / "elastic_ft.jsonl").write_text("".join(json.dumps(
+            {"step": r["step"], "t": r["t"], "trainable_tokens": r["trained_real_tokens"]}) + "\n"
+            for r in rows))
+        tps["elastic_ft"] = _timed_rows(out_dir / "elastic_ft.jsonl", warmup_steps)
+        hardware = hardware_record()
+    finally:
+        if started:
+            ray.shutdown()
+    return {"benchmark": "overhead", "hardware": hardware, "world_size": world, "steps": steps,
+            "warmup_steps": warmup_steps, "global_batch": cfg.train.global_batch,
+            "tokens_per_s": tps,
+            "elastic_ft_vs_plain": tps["elastic_ft"] / tps["plain_deepspeed"],
+            "elastic_ft_vs_hf_trainer": tps["elastic_ft"] / tps["hf_trainer"]}
