@@ -51,12 +51,13 @@ def plain_train_fn(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(
         AutoModelForCausalLM.from_pretrained(config["model"]), move_to_device=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    inner = getattr(model, "module", model)  # DDP wraps only at world size > 1
     step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / "state.pt", weights_only=True)
-        model.module.load_state_dict(state["model"])
+        inner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
     ctx = ray.train.get_context()
@@ -75,7 +76,7 @@ def plain_train_fn(config: dict[str, Any]) -> None:
         if step % CHECKPOINT_EVERY == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
-                    torch.save({"model": model.module.state_dict(),
+                    torch.save({"model": inner.state_dict(),
                                 "optimizer": optimizer.state_dict(), "step": step},
                                Path(tmp) / "state.pt")
                 ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(tmp)
@@ -163,13 +164,16 @@ class Job:
 
 def _event(job: Job, name: str, t_event: float, world: int) -> dict[str, Any]:
     first = job.wait_steps_at(world, t_event, 2, timeout_s=240)
-    trained_before = job.last_step_before(t_event)
+    # what was trained before the group restarted (training may go on after the event)
+    trained_before = job.last_step_before(first["t"] - 1e-6)
     return {"event": name, "recovery_s": round(first["t"] - t_event, 2),
             "steps_lost": max(0, trained_before - (first["step"] - 1)),
             "last_step_before": trained_before, "first_step_after": first["step"]}
 
 
 def trial(system: str, model: Path, work: Path) -> list[dict[str, Any]]:
+    """Runs the three events; writes WORK/SYSTEM.json before tearing the cluster down (Ray may
+    crash while a job thread is still inside fit(); the results are safe by then)."""
     cluster = FakeNodeCluster(num_nodes=2)
     try:
         job = Job(system, model, work / system, max_steps=100_000)
@@ -191,6 +195,7 @@ def trial(system: str, model: Path, work: Path) -> list[dict[str, Any]]:
         t = time.time()
         cluster.remove_node(hard=True)
         results.append(_event(job, "hard_loss", t, 1))
+        (work / f"{system}.json").write_text(json.dumps(results))
         return results
     finally:
         cluster.shutdown()
@@ -204,8 +209,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.single:
         system, model, work = args.single
-        rows = trial(system, Path(model), Path(work))
-        (Path(work) / f"{system}.json").write_text(json.dumps(rows))
+        trial(system, Path(model), Path(work))
         os._exit(0)  # the job's thread is still inside fit() on a cluster that is gone
     import subprocess
 
@@ -219,8 +223,10 @@ def main() -> None:
         for system in ("plain", "elastic_ft"):
             trial_dir = work / f"trial{i}"
             trial_dir.mkdir(exist_ok=True)
-            subprocess.run([sys.executable, __file__, "--single", system, str(model),
-                            str(trial_dir)], check=True, timeout=900)
+            done = subprocess.run([sys.executable, __file__, "--single", system, str(model),
+                                   str(trial_dir)], timeout=900)
+            if not (trial_dir / f"{system}.json").exists():
+                raise RuntimeError(f"{system} trial {i} failed (exit {done.returncode})")
             for row in json.loads((trial_dir / f"{system}.json").read_text()):
                 rows.append({"system": system, "trial": i, **row})
                 print(json.dumps(rows[-1]), flush=True)
