@@ -150,7 +150,7 @@ def status(job_id: str, address: str) -> None:
 @click.argument("job_id")
 @click.option("--address", default="http://127.0.0.1:8265", show_default=True)
 def stop(job_id: str, address: str) -> None:
-    """Stop a submitted job (its workers checkpoint on SIGTERM where they can)."""
+    """Stop a submitted job (the newest valid checkpoint stays; re-run to resume)."""
     from ray.job_submission import JobSubmissionClient
 
     click.echo("stopped" if JobSubmissionClient(address).stop_job(job_id) else "not running")

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import os
 import resource
-import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from elastic_ft.config import RunConfig
-from elastic_ft.core.checkpoint import TAG, needs_universal, save_rank_checkpoint, to_universal
+from elastic_ft.core.checkpoint import TAG, needs_universal, to_universal
+from elastic_ft.core.worker_checkpoint import (
+    newest_checkpoint,
+    ray_train_preemption_info,
+    save_and_report,
+    save_final,
+    wait_for_restart,
+)
 from elastic_ft.data.prepared import DataPosition, PreparedData, rank_slots
-
-_SIGTERM = {"received": False}
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    _SIGTERM["received"] = True  # checkpoint at the next step boundary
 
 
 def peak_mem_bytes() -> int:
@@ -59,10 +58,6 @@ def train_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     controller = config["controller"]
-    try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # Ray Train runs this function off the main thread: no handler there
-        pass
     torch.manual_seed(cfg.train.seed)
     data = PreparedData(ray.get(config["blocks_ref"]))
     total_steps: int = config["total_steps"]
@@ -77,7 +72,7 @@ def train_worker(config: dict[str, Any]) -> None:
     plan = box[0]
     m, a, g = plan["micro_batch"], plan["grad_accum"], plan["global_batch"]
 
-    checkpoint = _newest_checkpoint(cfg, rank, ray.train.get_checkpoint()
+    checkpoint = newest_checkpoint(cfg, rank, ray.train.get_checkpoint()
                                     or config.get("resume_from"), controller)
     state: dict[str, Any] | None = None
     ckpt_dir: Path | None = None
@@ -158,22 +153,19 @@ def train_worker(config: dict[str, Any]) -> None:
                 request = ray.get(pending_poll)
                 pending_poll = controller.poll.remote()
         # One small all-reduce per step; the request itself is broadcast only when one exists.
-        flags = torch.tensor([int(request is not None), int(_SIGTERM["received"])])
+        flags = torch.tensor([int(request is not None)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0].item():
             box = [request]
             dist.broadcast_object_list(box, src=0)
             request = box[0]
         if request is not None and request.get("kind") == "drain":
-            info = _ray_train_preemption_info()
+            info = ray_train_preemption_info()
             if rank == 0 and info is not None:
                 controller.record.remote("preemption_info", {
                     "step": step, "deadline_ms": info.deadline_ms,
                     "ranks_by_node": {k: list(v) for k, v in
                                       info.preempted_node_to_ranks.items()}})
-        sigterm = bool(flags[1].item())
-        if sigterm and request is None:
-            request = {"kind": "sigterm", "restart": True, "reason": "SIGTERM"}
 
         metrics = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                    "tokens": tokens_done, "step_s": now - t_step, "data_wait_s": t_data,
@@ -201,68 +193,23 @@ def train_worker(config: dict[str, Any]) -> None:
                     "step": step, "reason": request["kind"]})
             # A just-in-time checkpoint must be registered before the group restarts: sync.
             sync = request is not None or cfg.checkpoint.upload == "sync"
-            _save_and_report(engine, cfg, metrics, step, position, world, rank, plan, controller,
+            save_and_report(engine, cfg, metrics, step, position, world, rank, plan, controller,
                              sync)
             if rank == 0 and request is not None:
                 controller.ack.remote(step, request["kind"], time.time() - t_ckpt)
             if request is not None and request.get("restart") and step < total_steps:
-                _wait_for_restart(cfg, request)
+                wait_for_restart(cfg, request)
         # No ray.train.report() on other steps: in Ray Train V2 every report is a barrier
         # across workers that costs ~2 s of polling (measured: 0.04 s steps took 2 s).
         # Metrics go to the controller instead.
 
     all_peaks = [0] * world
     dist.all_gather_object(all_peaks, peak_mem_bytes())
-    _save_final(engine, cfg, rank)
+    save_final(engine, cfg, rank)
     if rank == 0:
         controller.record.remote("end", {"step": step, "world_size": world,
                                          "peak_mem_bytes": all_peaks,
                                          "wall_s": round(time.time() - t_start, 3)})
-
-
-def _newest_checkpoint(cfg: RunConfig, rank: int, registered: Any, controller: Any) -> Any:
-    """The newest checkpoint in storage that verifies, else Ray's registered one.
-
-    Ray Train registers a reported checkpoint only when its controller next polls the
-    workers: a just-in-time checkpoint taken right before a node vanishes is fully uploaded
-    but may never be registered. And Ray's registered checkpoint may since have been
-    corrupted. So rank 0 verifies what storage holds (local or mounted shared path: manifests,
-    sizes, checksums), skips bad ones with an event, and every rank loads the same one.
-    """
-    import torch.distributed as dist
-    from ray.train import Checkpoint
-
-    from elastic_ft.core.checkpoint import find_latest_valid
-    from elastic_ft.core.trainer import RUN_NAME
-
-    box: list[str | None] = ["<registered>"]
-    storage = cfg.resolved_storage_path()
-    if rank == 0 and "://" not in storage:
-        def skipped(message: str) -> None:
-            controller.record.remote("checkpoint_invalid", {"error": message})
-
-        latest = find_latest_valid(Path(storage) / RUN_NAME, log=skipped)
-        box[0] = str(latest.path) if latest is not None else None
-    dist.broadcast_object_list(box, src=0)
-    if box[0] == "<registered>":
-        return registered
-    return Checkpoint.from_directory(box[0]) if box[0] else None
-
-
-def _ray_train_preemption_info(tries: int = 6, interval_s: float = 0.5) -> Any:
-    """Ray Train's own view of a drain our controller saw (its watcher polls more slowly).
-
-    `get_preemption_info` is a barrier returning one agreed value to every rank, so all
-    ranks leave this loop at the same iteration.
-    """
-    import ray.train
-
-    for _ in range(tries):
-        info = ray.train.get_preemption_info()
-        if info is not None:
-            return info
-        time.sleep(interval_s)
-    return None
 
 
 def _plan_obj(plan: dict[str, Any]):
@@ -272,68 +219,3 @@ def _plan_obj(plan: dict[str, Any]):
     return BatchPlan(**fields)
 
 
-def _save_and_report(engine: Any, cfg: RunConfig, metrics: dict[str, Any], step: int,
-                     position: DataPosition, world: int, rank: int, plan: dict[str, Any],
-                     controller: Any, sync: bool) -> None:
-    """Save this rank's shard locally, then hand it to Ray Train (which merges the ranks).
-
-    Async: `report` returns once the local save is done and Ray uploads in the background
-    (deleting the local copy after); sync: it returns when the checkpoint is registered.
-    """
-    import ray.train
-    from ray.train import Checkpoint, CheckpointUploadMode
-
-    state = {"step": step, "position": position.to_dict(), "world_size": world,
-             "zero_stage": cfg.deepspeed.zero_stage, "method": cfg.method.kind, "plan": plan,
-             "saved_at": time.time()}
-    t0 = time.time()
-    tmp = tempfile.mkdtemp(prefix="eft_ckpt_")
-    save_rank_checkpoint(engine, Path(tmp), rank, state if rank == 0 else None)
-    t_saved = time.time()
-    ray.train.report(dict(metrics, checkpoint_step=step),
-                     checkpoint=Checkpoint.from_directory(tmp),
-                     # a step redone after a rollback must not reuse a registered name
-                     checkpoint_dir_name=f"checkpoint_{step:08d}_{int(t0 * 1000):d}",
-                     checkpoint_upload_mode=CheckpointUploadMode.SYNC if sync
-                     else CheckpointUploadMode.ASYNC,
-                     delete_local_checkpoint_after_upload=True)
-    if rank == 0:
-        controller.record.remote("checkpoint", {
-            "step": step, "world_size": world, "position": position.to_dict(),
-            "mode": "sync" if sync else "async", "save_s": round(t_saved - t0, 3),
-            "seconds": round(time.time() - t0, 3)})
-
-
-def _wait_for_restart(cfg: RunConfig, request: dict[str, Any]) -> None:
-    """After a just-in-time checkpoint for a resize, idle until Ray Train restarts the group.
-
-    Steps trained now would be lost at the restart; if it never comes (the new node did not
-    fit a worker after all), training simply continues.
-    """
-    if request.get("kind") == "memory":
-        raise RuntimeError("elastic_ft: re-planning micro-batch after memory pressure")
-    deadline = time.time() + cfg.elastic.restart_wait_s
-    while time.time() < deadline:
-        time.sleep(0.5)
-    _SIGTERM["received"] = False
-
-
-def _save_final(engine: Any, cfg: RunConfig, rank: int) -> None:
-    """Adapter (LoRA) or full weights to OUTPUT/final, gathered across ZeRO-3 shards."""
-    if cfg.deepspeed.zero_stage == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state_dict = engine.module.state_dict() if rank == 0 else None
-    if rank != 0:
-        return
-    out = Path(cfg.output_dir) / "final"
-    out.mkdir(parents=True, exist_ok=True)
-    module = engine.module
-    if cfg.method.kind in ("lora", "qlora"):
-        from peft import get_peft_model_state_dict
-
-        module.save_pretrained(str(out), state_dict=get_peft_model_state_dict(
-            module, state_dict=state_dict))
-    else:
-        module.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
-    os.sync()

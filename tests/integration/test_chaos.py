@@ -122,3 +122,4 @@ def test_driver_killed_then_same_command_resumes(tiny_assets, undisturbed, tmp_p
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert max(abs(losses[s] - undisturbed[s]) for s in undisturbed) <= LOSS_TOLERANCE
     _each_sample_once(out)
+

@@ -1,0 +1,125 @@
+"""Checkpoint side of the worker recipe: which checkpoint to resume, save + report to Ray
+Train, wait for a restart after a just-in-time checkpoint, and the final weights."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from elastic_ft.config import RunConfig
+from elastic_ft.core.checkpoint import save_rank_checkpoint
+from elastic_ft.data.prepared import DataPosition
+
+
+def newest_checkpoint(cfg: RunConfig, rank: int, registered: Any, controller: Any) -> Any:
+    """The newest checkpoint in storage that verifies, else Ray's registered one.
+
+    Ray Train registers a reported checkpoint only when its controller next polls the
+    workers: a just-in-time checkpoint taken right before a node vanishes is fully uploaded
+    but may never be registered. And Ray's registered checkpoint may since have been
+    corrupted. So rank 0 verifies what storage holds (local or mounted shared path: manifests,
+    sizes, checksums), skips bad ones with an event, and every rank loads the same one.
+    """
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from elastic_ft.core.checkpoint import find_latest_valid
+    from elastic_ft.core.trainer import RUN_NAME
+
+    box: list[str | None] = ["<registered>"]
+    storage = cfg.resolved_storage_path()
+    if rank == 0 and "://" not in storage:
+        def skipped(message: str) -> None:
+            controller.record.remote("checkpoint_invalid", {"error": message})
+
+        latest = find_latest_valid(Path(storage) / RUN_NAME, log=skipped)
+        box[0] = str(latest.path) if latest is not None else None
+    dist.broadcast_object_list(box, src=0)
+    if box[0] == "<registered>":
+        return registered
+    return Checkpoint.from_directory(box[0]) if box[0] else None
+
+
+def ray_train_preemption_info(tries: int = 6, interval_s: float = 0.5) -> Any:
+    """Ray Train's own view of a drain our controller saw (its watcher polls more slowly).
+
+    `get_preemption_info` is a barrier returning one agreed value to every rank, so all
+    ranks leave this loop at the same iteration.
+    """
+    import ray.train
+
+    for _ in range(tries):
+        info = ray.train.get_preemption_info()
+        if info is not None:
+            return info
+        time.sleep(interval_s)
+    return None
+
+
+def save_and_report(engine: Any, cfg: RunConfig, metrics: dict[str, Any], step: int,
+                     position: DataPosition, world: int, rank: int, plan: dict[str, Any],
+                     controller: Any, sync: bool) -> None:
+    """Save this rank's shard locally, then hand it to Ray Train (which merges the ranks).
+
+    Async: `report` returns once the local save is done and Ray uploads in the background
+    (deleting the local copy after); sync: it returns when the checkpoint is registered.
+    """
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    state = {"step": step, "position": position.to_dict(), "world_size": world,
+             "zero_stage": cfg.deepspeed.zero_stage, "method": cfg.method.kind, "plan": plan,
+             "saved_at": time.time()}
+    t0 = time.time()
+    tmp = tempfile.mkdtemp(prefix="eft_ckpt_")
+    save_rank_checkpoint(engine, Path(tmp), rank, state if rank == 0 else None)
+    t_saved = time.time()
+    ray.train.report(dict(metrics, checkpoint_step=step),
+                     checkpoint=Checkpoint.from_directory(tmp),
+                     # a step redone after a rollback must not reuse a registered name
+                     checkpoint_dir_name=f"checkpoint_{step:08d}_{int(t0 * 1000):d}",
+                     checkpoint_upload_mode=CheckpointUploadMode.SYNC if sync
+                     else CheckpointUploadMode.ASYNC,
+                     delete_local_checkpoint_after_upload=True)
+    if rank == 0:
+        controller.record.remote("checkpoint", {
+            "step": step, "world_size": world, "position": position.to_dict(),
+            "mode": "sync" if sync else "async", "save_s": round(t_saved - t0, 3),
+            "seconds": round(time.time() - t0, 3)})
+
+
+def wait_for_restart(cfg: RunConfig, request: dict[str, Any]) -> None:
+    """After a just-in-time checkpoint for a resize, idle until Ray Train restarts the group.
+
+    Steps trained now would be lost at the restart; if it never comes (the new node did not
+    fit a worker after all), training simply continues.
+    """
+    if request.get("kind") == "memory":
+        raise RuntimeError("elastic_ft: re-planning micro-batch after memory pressure")
+    deadline = time.time() + cfg.elastic.restart_wait_s
+    while time.time() < deadline:
+        time.sleep(0.5)
+
+
+def save_final(engine: Any, cfg: RunConfig, rank: int) -> None:
+    """Adapter (LoRA) or full weights to OUTPUT/final, gathered across ZeRO-3 shards."""
+    if cfg.deepspeed.zero_stage == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    out = Path(cfg.output_dir) / "final"
+    out.mkdir(parents=True, exist_ok=True)
+    module = engine.module
+    if cfg.method.kind in ("lora", "qlora"):
+        from peft import get_peft_model_state_dict
+
+        module.save_pretrained(str(out), state_dict=get_peft_model_state_dict(
+            module, state_dict=state_dict))
+    else:
+        module.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
+    os.sync()
