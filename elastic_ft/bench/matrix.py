@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -111,7 +112,9 @@ def run_matrix(cfg: RunConfig, cells: list[dict[str, Any]], out_dir: Path, steps
 
     cfg = cfg.with_absolute_paths()
     out_dir = out_dir.resolve()
-    started = ensure_ray()
+    # the Tune trial holds 0.01 CPU: one spare logical CPU keeps it from starving the
+    # workers when Ray is started here (the 2-core trap)
+    started = ensure_ray(num_cpus=(os.cpu_count() or 1) + 1)
     try:
         prepare_data(cfg.data, tokenizer_path(cfg), out_dir / "data")
         results = tune.Tuner(

@@ -9,6 +9,7 @@ the steps after `warmup_steps` (checkpoints, reports and data waits included).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,9 @@ def run_scaling(cfg: RunConfig, worker_counts: list[int], out_dir: Path, steps: 
         raise ValueError(f"steps ({steps}) must exceed warmup_steps ({warmup_steps})")
     cfg = cfg.with_absolute_paths()
     out_dir = out_dir.resolve()
-    started = ensure_ray()
+    # the Tune trial holds 0.01 CPU: one spare logical CPU keeps it from starving the
+    # workers when Ray is started here (the 2-core trap)
+    started = ensure_ray(num_cpus=(os.cpu_count() or 1) + 1)
     try:
         hardware = hardware_record()
         from elastic_ft.core.model import tokenizer_path

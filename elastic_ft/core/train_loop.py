@@ -138,24 +138,22 @@ def train_worker(config: dict[str, Any]) -> None:
                 raise
             engine.step()
             loss_sum += float(out.loss.detach())
-        totals = torch.tensor([loss_sum, float(real_tokens)])
-        dist.all_reduce(totals)
-        step += 1
-        position = next_position
-        step_loss = totals[0].item() / (world * a)
-        tokens_done += int(totals[1].item())
-        now = time.time()
-
         request = None
         if rank == 0:
             ready, _ = ray.wait([pending_poll], timeout=0)
             if ready:
                 request = ray.get(pending_poll)
                 pending_poll = controller.poll.remote()
-        # One small all-reduce per step; the request itself is broadcast only when one exists.
-        flags = torch.tensor([int(request is not None)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0].item():
+        # One small all-reduce per step carries the loss, the token count and whether rank 0
+        # holds a controller request; the request itself is broadcast only when one exists.
+        totals = torch.tensor([loss_sum, float(real_tokens), float(request is not None)])
+        dist.all_reduce(totals)
+        step += 1
+        position = next_position
+        step_loss = totals[0].item() / (world * a)
+        tokens_done += int(totals[1].item())
+        now = time.time()
+        if totals[2].item() > 0:
             box = [request]
             dist.broadcast_object_list(box, src=0)
             request = box[0]

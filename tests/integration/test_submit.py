@@ -29,8 +29,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head():
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
@@ -79,3 +79,25 @@ def test_submit_tiny_config_succeeds_and_writes_summary(ray_head, tiny_assets, t
                              "--address", address], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=60)
     assert status.stdout.strip() == "SUCCEEDED"
+
+
+def test_submit_no_wait_then_stop(ray_head, tiny_assets, tmp_path):
+    address, env = ray_head
+    cli = [sys.executable, "-m", "elastic_ft.cli"]
+    done = subprocess.run(cli + [
+        "submit", "configs/tiny-lora-cpu.yaml", "--address", address, "--no-wait",
+        "--set", f"model.name_or_path={tiny_assets}", "--set", f"output_dir={tmp_path / 'o'}",
+        "--set", "train.max_steps=100000"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = re.search(r"job id: (\S+)", done.stdout).group(1)
+    stopped = subprocess.run(cli + ["stop", job_id, "--address", address], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert stopped.stdout.strip() == "stopped"
+    deadline = time.time() + 60
+    status = ""
+    while time.time() < deadline and status != "STOPPED":
+        status = subprocess.run(cli + ["status", job_id, "--address", address], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=60).stdout.strip()
+        time.sleep(1)
+    assert status == "STOPPED"
