@@ -53,7 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from elastic_ft.bench.hardware import hardware_record, hardware_tag
+    from elastic_ft.bench.hardware import hardware_record
+    from elastic_ft.bench.report import save_benchmark
     from elastic_ft.core.tiny_assets import make_tiny_assets
 
     work = Path(tempfile.mkdtemp(prefix="eft_ckptbench_"))
@@ -82,11 +83,7 @@ def main() -> None:
     result = {"benchmark": "checkpoint_overhead", "steps": args.steps, "every": args.every,
               "repeats": args.repeats, "hardware": hardware, "summary": summary, "runs": runs,
               "reference_span_s": reference_span}
-    out = ROOT / "benchmarks" / "results" / hardware_tag(hardware) / "checkpoint_overhead.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {out}")
+    save_benchmark(result, summary)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from elastic_ft.bench.hardware import hardware_record, hardware_tag
+    from elastic_ft.bench.hardware import hardware_record
+    from elastic_ft.bench.report import save_benchmark
     from elastic_ft.core.tiny_assets import make_tiny_assets
 
     work = Path(tempfile.mkdtemp(prefix="eft_databench_"))
@@ -128,13 +129,9 @@ def main() -> None:
         "note": "elastic_ft includes validation, dedup, packing and writing; datasets.map "
                 "only normalises and tokenises",
     }
-    out = ROOT / "benchmarks" / "results" / hardware_tag(hardware) / "data_pipeline.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("median_rows_per_s", "ratio_ray_vs_datasets_map",
-                                             "ratio_local_vs_datasets_map_1proc", "training")},
-                     indent=2))
-    print(f"wrote {out}")
+    save_benchmark(result, {k: result[k] for k in (
+        "median_rows_per_s", "ratio_ray_vs_datasets_map", "ratio_local_vs_datasets_map_1proc",
+        "training")})
 
 
 if __name__ == "__main__":

@@ -238,17 +238,14 @@ def main() -> None:
                 "median_recovery_s": statistics.median(r["recovery_s"] for r in sel),
                 "median_steps_lost": statistics.median(r["steps_lost"] for r in sel),
                 "runs": len(sel)}
-    from elastic_ft.bench.hardware import hardware_record, hardware_tag
+    from elastic_ft.bench.hardware import hardware_record
+    from elastic_ft.bench.report import save_benchmark
 
     hardware = hardware_record()
     result = {"benchmark": "elastic_recovery", "hardware": hardware,
               "checkpoint_every_steps": CHECKPOINT_EVERY,
               "resize_interval_s": RESIZE_INTERVAL_S, "summary": summary, "rows": rows}
-    out = Path(__file__).parent / "results" / hardware_tag(hardware) / "elastic_recovery.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {out}")
+    save_benchmark(result, summary)
 
 
 if __name__ == "__main__":

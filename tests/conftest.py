@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -30,3 +31,21 @@ def ray_local():
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def losses_by_step(out: Path) -> dict[int, float]:
+    """Per-step losses of a run; a step redone after a restart replaces the lost one."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def assert_each_sample_once(out: Path, global_batch: int = 8) -> None:
+    """Every kept sample of epoch 0 was trained exactly once (the tail step wraps to epoch 1)."""
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    report = json.loads((out / "data_report.json").read_text())
+    steps = report["blocks"] // global_batch
+    epoch0 = [s for step in range(1, steps + 1) for s in rows[step]["sample_ids"]]
+    assert len(epoch0) == len(set(epoch0)) >= report["kept"] * 0.95

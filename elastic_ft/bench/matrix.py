@@ -11,7 +11,6 @@ footprint before the model was built.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import statistics
 import time
@@ -176,10 +175,6 @@ def matrix_plot(result: dict[str, Any], path: Path) -> Path:
 
 
 def write_matrix(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "matrix.json", "markdown": out_dir / "matrix.md",
-             "png": out_dir / "matrix.png"}
-    paths["json"].write_text(json.dumps(result, indent=2))
-    paths["markdown"].write_text(matrix_markdown(result))
-    matrix_plot(result, paths["png"])
-    return paths
+    from elastic_ft.bench.report import write_result
+
+    return write_result(result, out_dir, "matrix", matrix_markdown, matrix_plot)

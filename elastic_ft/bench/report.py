@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +59,22 @@ def scaling_plot(results: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def write_scaling(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+def write_result(result: dict[str, Any], out_dir: Path, name: str,
+                 markdown: Callable[[dict[str, Any]], str],
+                 plot: Callable[[dict[str, Any], Path], Path]) -> dict[str, Path]:
+    """NAME.json (raw results + environment), NAME.md and NAME.png in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "scaling.json", "markdown": out_dir / "scaling.md",
-             "png": out_dir / "scaling.png"}
+    paths = {"json": out_dir / f"{name}.json", "markdown": out_dir / f"{name}.md",
+             "png": out_dir / f"{name}.png"}
     paths["json"].write_text(json.dumps(result, indent=2))
-    paths["markdown"].write_text(scaling_markdown(result))
-    scaling_plot([result], paths["png"])
+    paths["markdown"].write_text(markdown(result))
+    plot(result, paths["png"])
     return paths
+
+
+def write_scaling(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    return write_result(result, out_dir, "scaling", scaling_markdown,
+                        lambda r, path: scaling_plot([r], path))
 
 
 def compare_markdown(results: list[dict[str, Any]]) -> str:
@@ -90,3 +99,14 @@ def overhead_markdown(result: dict[str, Any]) -> str:
     for name in ("elastic_ft", "plain_deepspeed", "hf_trainer"):
         lines.append(f"| {name} | {tps[name]:.0f} | {tps['elastic_ft'] / tps[name]:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def save_benchmark(result: dict[str, Any], summary: Any) -> Path:
+    """benchmarks/results/<hardware-tag>/<benchmark>.json; prints the summary and the path."""
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    out = root / hardware_tag(result["hardware"]) / f"{result['benchmark']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+    return out

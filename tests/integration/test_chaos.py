@@ -21,7 +21,7 @@ from elastic_ft.config import load_config
 from elastic_ft.core.checkpoint import find_latest_valid
 from elastic_ft.events import read_events
 from elastic_ft.resources.local_cluster import BackgroundRun
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_each_sample_once, losses_by_step
 
 pytestmark = pytest.mark.ray
 STEPS = 120
@@ -39,26 +39,11 @@ def _cfg(tiny_assets: Path, out: Path, **extra):
                        _overrides(tiny_assets, out, **extra))
 
 
-def _losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
-
-
-def _each_sample_once(out: Path) -> None:
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    report = json.loads((out / "data_report.json").read_text())
-    epoch0 = [s for step in range(1, report["blocks"] // 8 + 1) for s in rows[step]["sample_ids"]]
-    assert len(epoch0) == len(set(epoch0)) >= report["kept"] * 0.95
-
-
 @pytest.fixture(scope="module")
 def undisturbed(tiny_assets, ray_local, tmp_path_factory) -> dict[int, float]:
     out = tmp_path_factory.mktemp("undisturbed")
     BackgroundRun(_cfg(tiny_assets, out)).join(300)
-    return _losses(out)
+    return losses_by_step(out)
 
 
 def _worker_pids(run: BackgroundRun) -> list[int]:
@@ -75,9 +60,9 @@ def test_sigkill_worker_mid_run(tiny_assets, ray_local, undisturbed, tmp_path) -
     os.kill(victim, signal.SIGKILL)
     summary = run.join(300)
     assert summary["steps"] == STEPS and summary["restarts"] == 1
-    losses = _losses(out)
+    losses = losses_by_step(out)
     assert max(abs(losses[s] - undisturbed[s]) for s in undisturbed) <= LOSS_TOLERANCE
-    _each_sample_once(out)
+    assert_each_sample_once(out)
 
 
 def test_failure_budget_exhausted_stops_with_clear_error(tiny_assets, ray_local, tmp_path):
@@ -118,8 +103,8 @@ def test_driver_killed_then_same_command_resumes(tiny_assets, undisturbed, tmp_p
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     resume = [e for e in read_events(out / "events.jsonl") if e["event"] == "resume"]
     assert resume and resume[-1]["step"] >= 20
-    losses = _losses(out)
+    losses = losses_by_step(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert max(abs(losses[s] - undisturbed[s]) for s in undisturbed) <= LOSS_TOLERANCE
-    _each_sample_once(out)
+    assert_each_sample_once(out)
 

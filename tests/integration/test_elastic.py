@@ -6,14 +6,13 @@ away takes a worker away. These are the issue's shrink / grow / equivalence / dr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from elastic_ft.config import load_config
 from elastic_ft.resources.local_cluster import WORKER_RESOURCES, BackgroundRun, FakeNodeCluster
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_each_sample_once, losses_by_step
 
 pytestmark = pytest.mark.ray
 
@@ -42,25 +41,8 @@ def _cfg(tiny_assets: Path, out: Path, **overrides):
     return load_config(ROOT / "configs" / "tiny-lora-cpu.yaml", {**base, **overrides})
 
 
-def _losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}  # a redone step replaces the lost one
-
-
 def _of(events: list[dict], name: str) -> list[dict]:
     return [e for e in events if e["event"] == name]
-
-
-def _assert_each_sample_once_per_epoch(out: Path) -> None:
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    report = json.loads((out / "data_report.json").read_text())
-    steps_per_epoch = report["blocks"] // 8  # global batch 8; the tail step wraps
-    epoch0 = [s for step in range(1, steps_per_epoch + 1) for s in rows[step]["sample_ids"]]
-    assert len(epoch0) == len(set(epoch0))
-    assert len(epoch0) >= report["kept"] * 0.95  # the last partial step wraps into epoch 1
 
 
 def test_shrink_then_grow_keeps_global_batch_and_trajectory(cluster, tiny_assets, tmp_path):
@@ -70,7 +52,7 @@ def test_shrink_then_grow_keeps_global_batch_and_trajectory(cluster, tiny_assets
     stable = {"optim.lr": 0.003}
     fixed = BackgroundRun(_cfg(tiny_assets, fixed_out, **{"workers.min": 2}, **stable))
     fixed.join(300)
-    reference = _losses(fixed_out)
+    reference = losses_by_step(fixed_out)
 
     out = tmp_path / "elastic"
     run = BackgroundRun(_cfg(tiny_assets, out, **stable))
@@ -100,11 +82,11 @@ def test_shrink_then_grow_keeps_global_batch_and_trajectory(cluster, tiny_assets
     assert resumes[1]["step"] == jit[-1]["step"]
     assert summary["steps"] == 300 and summary["world_size"] == 2
 
-    losses = _losses(out)
+    losses = losses_by_step(out)
     assert sorted(losses) == sorted(reference) == list(range(1, 301))
     worst = max(abs(losses[s] - reference[s]) for s in reference)
     assert worst <= LOSS_TOLERANCE, f"resized run drifted {worst:.2e} from the fixed run"
-    _assert_each_sample_once_per_epoch(out)
+    assert_each_sample_once(out)
 
 
 def test_preemption_drain_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_assets,
@@ -129,4 +111,4 @@ def test_preemption_drain_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_a
     resume = _of(events, "resume")[0]
     assert resume["world_size"] == 1 and resume["step"] == jit["step"]  # no step lost
     assert summary["steps"] == 400
-    _assert_each_sample_once_per_epoch(out)
+    assert_each_sample_once(out)
