@@ -72,8 +72,7 @@ def train_worker(config: dict[str, Any]) -> None:
     plan = box[0]
     m, a, g = plan["micro_batch"], plan["grad_accum"], plan["global_batch"]
 
-    checkpoint = newest_checkpoint(cfg, rank, ray.train.get_checkpoint()
-                                    or config.get("resume_from"), controller)
+    checkpoint = newest_checkpoint(cfg, rank, ray.train.get_checkpoint(), controller)
     state: dict[str, Any] | None = None
     ckpt_dir: Path | None = None
     ckpt_ctx = checkpoint.as_directory() if checkpoint is not None else None

@@ -64,7 +64,7 @@ def total_steps_for(cfg: RunConfig, n_blocks: int) -> int:
 
 def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     import ray
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
@@ -98,11 +98,10 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         use_gpu = resolve_use_gpu(cfg)
         max_micro, mem_budget = resolve_max_micro_batch(cfg, use_gpu, events)
         storage = cfg.resolved_storage_path()
-        latest = find_latest_valid(Path(storage) / RUN_NAME,
-                                   log=lambda msg: events.emit("checkpoint_invalid", error=msg))
+        # Which checkpoint to resume (a re-run, a restart, a resize) is decided in one place:
+        # rank 0 verifies the storage when the group starts (worker_checkpoint.py).
         events.emit("run_start", total_steps=total_steps, use_gpu=use_gpu,
-                    max_micro_batch=max_micro,
-                    resume_from=str(latest.path) if latest else None)
+                    max_micro_batch=max_micro)
 
         resources = dict(cfg.workers.resources_per_worker) or (
             {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
@@ -121,9 +120,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"run": cfg.to_dict(), "controller": controller,
-                               "blocks_ref": ray.put(prepared.table), "total_steps": total_steps,
-                               "resume_from": Checkpoint.from_directory(str(latest.path))
-                               if latest else None},
+                               "blocks_ref": ray.put(prepared.table), "total_steps": total_steps},
             scaling_config=ScalingConfig(
                 num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                 elastic_resize_monitor_interval_s=cfg.workers.resize_interval_s),
