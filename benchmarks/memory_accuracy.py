@@ -1,106 +1,189 @@
-"""Predicted vs measured peak memory per training step (issue: performance optimizer).
+"""Predicted vs measured peak memory per worker, and the probe against the largest real fit.
 
-Measures one worker (ZeRO stage 0 == any stage at world size 1) for a Llama of a few hundred
-million parameters: full and LoRA, checkpointing on/off, several micro-batches. On GPU the
-measure is `torch.cuda.max_memory_allocated` of two full steps (bf16 weights for LoRA's frozen
-base; fp32 master weights + bf16 autocast for full, which is 16 bytes/param like mixed Adam).
-Writes benchmarks/results/<hardware>/memory_accuracy.json.
+Part 1 (accuracy): every cell runs the real worker path - `load_model` + `build_engine`
+(DeepSpeed ZeRO 0-3, world size 1) - for two steps at (micro_batch, seq_len) in a fresh process
+(`elastic_ft.core.probe.measure_candidate`, the probe's own measurement), and compares the peak
+with `estimate_memory`. GPU: `torch.cuda.max_memory_allocated`, bf16. CPU: peak RSS growth, fp32.
 
-    python benchmarks/memory_accuracy.py [--hidden 1024 --layers 16 --seq 1024]
+Part 2 (probe, GPU only): for each (method, budget), the probe's pick against the largest
+micro-batch that really trains when the process is held to the budget by
+`torch.cuda.set_per_process_memory_fraction` (found by bisection above the pick).
+
+    python benchmarks/memory_accuracy.py --model assets/tiny/model --model assets/medium/model
+Writes benchmarks/results/<hardware>/memory_accuracy.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import platform
+import os
+import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from elastic_ft.core.memory import estimate_memory, shape_from_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 1024**3
 
 
-def measure(model, micro_batch: int, seq: int, full: bool) -> int | None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    ids = torch.randint(0, model.config.vocab_size, (micro_batch, seq), device="cuda")
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        for _ in range(2):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=full):
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        return int(torch.cuda.max_memory_allocated())
-    except torch.OutOfMemoryError:
-        return None
-    finally:
-        del opt
-        torch.cuda.empty_cache()
+def cell_config(model: str, method: str, zero: int, ckpt: bool, seq: int, precision: str,
+                mem_cap_bytes: int | None = None):
+    from elastic_ft.config import load_config
+
+    return load_config(ROOT / "configs" / "tiny-lora-cpu.yaml", {
+        "model.name_or_path": model, "model.gradient_checkpointing": ckpt,
+        "method.kind": method, "method.lora.target_modules": ["q_proj", "v_proj"],
+        "deepspeed.zero_stage": zero, "data.seq_len": seq, "train.precision": precision,
+        "train.mem_cap_bytes": mem_cap_bytes, "workers.min": 1, "workers.max": 1})
+
+
+def measure_under_cap(cfg: Any, micro_batch: int, cap_bytes: int) -> bool:
+    """True when 3 real steps train with the process held to `cap_bytes` of the GPU."""
+    import torch
+
+    from elastic_ft.core.probe import measure_candidate
+
+    torch.cuda.set_per_process_memory_fraction(
+        cap_bytes / torch.cuda.get_device_properties(0).total_memory)
+    return measure_candidate(cfg, micro_batch, steps=3) is not None
+
+
+def accuracy(models: list[str], micros: list[int], zeros: list[int], methods: list[str],
+             seq: int, precision: str, gpu_share: float) -> list[dict[str, Any]]:
+    import ray
+
+    from elastic_ft.core.optimizer import estimate_for
+    from elastic_ft.core.probe import measure_candidate
+
+    cuda = gpu_share > 0
+    task = ray.remote(num_cpus=1, num_gpus=gpu_share, max_retries=0, max_calls=1)(
+        measure_candidate)
+    cells = list(itertools.product(models, methods, zeros, (False, True), micros))
+    configs = [cell_config(mdl, method, zero, ckpt, seq, precision)
+               for mdl, method, zero, ckpt, _ in cells]
+    refs = [task.remote(cfg, m) for cfg, (*_, m) in zip(configs, cells, strict=True)]
+    rows = []
+    for cfg, (mdl, method, zero, ckpt, m), ref in zip(configs, cells, refs, strict=True):
+        measured = ray.get(ref)
+        est = estimate_for(cfg, 1, m, cuda)
+        peak = measured and measured["peak_bytes"]
+        rows.append({"model": Path(mdl).parent.name, "method": method, "zero_stage": zero,
+                     "checkpointing": ckpt, "micro_batch": m, "seq_len": seq,
+                     "predicted_bytes": est.total_bytes, "measured_bytes": peak,
+                     "reserved_bytes": measured and measured["reserved_bytes"],
+                     "error": None if not peak else (est.total_bytes - peak) / peak,
+                     "parts": est.to_dict()})
+        print(json.dumps({k: rows[-1][k] for k in (
+            "model", "method", "zero_stage", "checkpointing", "micro_batch", "predicted_bytes",
+            "measured_bytes", "error")}), flush=True)
+    return rows
+
+
+def probe_check(model: str, method: str, budget_bytes: int, seq: int, limit: int) -> dict:
+    import ray
+
+    from elastic_ft.core.probe import probe_micro_batch
+
+    cfg = cell_config(model, method, 2, False, seq, "bf16", budget_bytes)
+    probed = probe_micro_batch(cfg, budget_bytes, limit=limit, use_gpu=True)
+    pick = probed["largest_fit"]
+    task = ray.remote(num_gpus=1, max_retries=0, max_calls=1)(measure_under_cap)
+    fits = {}
+
+    def trains(m: int) -> bool:
+        if m not in fits:
+            fits[m] = ray.get(task.remote(cfg, m, budget_bytes))
+        return fits[m]
+
+    lo, hi = 0, max(1, pick)
+    while hi <= 4 * limit and trains(hi):  # double above the pick until it no longer trains
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if trains(mid) else (lo, mid)
+    row = {"method": method, "budget_bytes": budget_bytes, "seq_len": seq, "probe_pick": pick,
+           "largest_real_fit": lo, "pick_over_real": pick / lo if lo else None,
+           "probe_peaks": probed["peaks"], "probe_reserved": probed["reserved"],
+           "trained_under_cap": {str(k): v for k, v in sorted(fits.items())}}
+    print(json.dumps({k: row[k] for k in ("method", "budget_bytes", "probe_pick",
+                                          "largest_real_fit", "pick_over_real")}), flush=True)
+    return row
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [f"Memory model vs measured peak per worker ({doc['measure']}), seq "
+             f"{doc['seq_len']}, world size 1; commit {str(doc['hardware'].get('commit'))[:10]}",
+             "", "| model | method | ZeRO | ckpt | micro | predicted GiB | measured GiB | error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in doc["accuracy"]:
+        measured = "OOM" if r["measured_bytes"] is None else f"{r['measured_bytes'] / GiB:.3f}"
+        error = "-" if r["error"] is None else f"{r['error']:+.1%}"
+        lines.append(f"| {r['model']} | {r['method']} | {r['zero_stage']} | "
+                     f"{'on' if r['checkpointing'] else 'off'} | {r['micro_batch']} | "
+                     f"{r['predicted_bytes'] / GiB:.3f} | {measured} | {error} |")
+    lines += ["", f"Median |error| {doc['median_abs_error']:.1%}, max {doc['max_abs_error']:.1%}."]
+    if doc["probe"]:
+        lines += ["", "| method | budget GiB | probe pick | largest that trains under the cap | "
+                  "pick / real |", "|---|---|---|---|---|"]
+        for p in doc["probe"]:
+            ratio = "-" if p["pick_over_real"] is None else f"{p['pick_over_real']:.0%}"
+            lines.append(f"| {p['method']} | {p['budget_bytes'] / GiB:.0f} | {p['probe_pick']} | "
+                         f"{p['largest_real_fit']} | {ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--micro", default="1,2,4")
+    ap.add_argument("--model", action="append", default=None)
+    ap.add_argument("--micro", default="1,4")
+    ap.add_argument("--zero", default="0,1,2,3")
+    ap.add_argument("--methods", default="lora,full")
+    ap.add_argument("--seq", type=int, default=None, help="default: 1024 on GPU, 256 on CPU")
+    ap.add_argument("--gpu-share", type=float, default=0.25,
+                    help="GPU fraction per accuracy cell: cells run side by side on one GPU")
+    ap.add_argument("--probe", default="lora:8,full:16",
+                    help="METHOD:BUDGET_GIB,... probe checks (GPU only); empty to skip")
+    ap.add_argument("--probe-limit", type=int, default=64)
     args = ap.parse_args()
-    config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden,
-                         intermediate_size=int(args.hidden * 2.6875), num_hidden_layers=args.layers,
-                         num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
-    results = []
-    for method in ("lora", "full"):
-        for ckpt in (False, True):
-            torch.manual_seed(0)
-            dtype = torch.float32 if method == "full" else torch.bfloat16
-            model = LlamaForCausalLM(config).to(device="cuda", dtype=dtype)
-            if ckpt:
-                model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
-            if method == "lora":
-                from peft import LoraConfig, get_peft_model
 
-                if ckpt:
-                    model.enable_input_require_grads()
-                model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-            shape = shape_from_config(config, 8 if method == "lora" else 0, ("q_proj", "v_proj"))
-            for m in [int(x) for x in args.micro.split(",")]:
-                measured = measure(model, m, args.seq, full=method == "full")
-                est = estimate_memory(shape, method, 0, 1, m, args.seq, "bf16", ckpt)
-                err = None if measured is None else (est.total_bytes - measured) / measured
-                results.append({"method": method, "checkpointing": ckpt, "micro_batch": m,
-                                "seq_len": args.seq, "predicted_bytes": est.total_bytes,
-                                "measured_bytes": measured, "error": err,
-                                "parts": est.to_dict()})
-                print(json.dumps({k: results[-1][k] for k in (
-                    "method", "checkpointing", "micro_batch", "predicted_bytes",
-                    "measured_bytes", "error")}), flush=True)
-            del model
-            torch.cuda.empty_cache()
-    tag = torch.cuda.get_device_name(0).replace(" ", "_") if torch.cuda.is_available() else "cpu"
-    out = Path(__file__).parent / "results" / tag
+    import ray
+    import torch
+
+    from elastic_ft.bench.hardware import hardware_record, hardware_tag
+
+    cuda = torch.cuda.is_available()
+    seq = args.seq or (1024 if cuda else 256)
+    models = [str(Path(m).resolve()) for m in (args.model or [str(ROOT / "assets/tiny/model")])]
+    ray.init(address="local", num_cpus=os.cpu_count() if cuda else 2, include_dashboard=False)
+    rows = accuracy(models, [int(x) for x in args.micro.split(",")],
+                    [int(x) for x in args.zero.split(",")], args.methods.split(","), seq,
+                    "bf16" if cuda else "fp32", args.gpu_share if cuda else 0.0)
+    probes = []
+    if cuda and args.probe:
+        for pair in args.probe.split(","):
+            method, gib = pair.split(":")
+            probes.append(probe_check(models[-1], method, int(float(gib) * GiB), seq,
+                                      args.probe_limit))
+    errors = [abs(r["error"]) for r in rows if r["error"] is not None]
+    hardware = hardware_record()
+    doc = {"benchmark": "memory_accuracy", "hardware": hardware, "seq_len": seq,
+           "measure": "torch.cuda.max_memory_allocated" if cuda else "peak RSS growth",
+           "accuracy": rows, "probe": probes,
+           "median_abs_error": statistics.median(errors), "max_abs_error": max(errors),
+           "share_within_10pct": sum(e <= 0.10 for e in errors) / len(errors)}
+    out = ROOT / "benchmarks" / "results" / hardware_tag(hardware)
     out.mkdir(parents=True, exist_ok=True)
-    errors = [abs(r["error"]) for r in results if r["error"] is not None]
-    doc = {"params": shape.total_params, "hardware": tag, "python": platform.python_version(),
-           "torch": torch.__version__, "results": results,
-           "median_abs_error": sorted(errors)[len(errors) // 2] if errors else None,
-           "max_abs_error": max(errors) if errors else None}
     (out / "memory_accuracy.json").write_text(json.dumps(doc, indent=2))
-    print(json.dumps({k: doc[k] for k in ("params", "median_abs_error", "max_abs_error")}))
-    import os
-
+    (out / "memory_accuracy.md").write_text(markdown(doc))
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "memory_accuracy.json").write_text(json.dumps(doc, indent=2))
+        for name in ("memory_accuracy.json", "memory_accuracy.md"):
+            Path(os.environ["OUT"], name).write_text((out / name).read_text())
+    print(markdown(doc))
 
 
 if __name__ == "__main__":

@@ -26,11 +26,18 @@ def main() -> None:
 @main.command("make-tiny-assets")
 @click.argument("out_dir", type=click.Path())
 @click.option("--vocab-size", default=1000, show_default=True)
-def make_tiny_assets_cmd(out_dir: str, vocab_size: int) -> None:
-    """Write a local tokenizer and a random-init tiny Llama to OUT_DIR/{tokenizer,model}."""
+@click.option("--hidden-size", default=64, show_default=True,
+              help="1024 with --layers 16 --model-vocab 32000: a ~270M-parameter Llama")
+@click.option("--layers", default=2, show_default=True)
+@click.option("--model-vocab", type=int, default=None, help="embedding rows (>= tokenizer's)")
+def make_tiny_assets_cmd(out_dir: str, vocab_size: int, hidden_size: int, layers: int,
+                         model_vocab: int | None) -> None:
+    """Write a local tokenizer and a random-init Llama to OUT_DIR/{tokenizer,model}."""
     from elastic_ft.core.tiny_assets import make_tiny_assets
 
-    click.echo(json.dumps(make_tiny_assets(out_dir, vocab_size=vocab_size), indent=2))
+    click.echo(json.dumps(make_tiny_assets(out_dir, vocab_size=vocab_size,
+                                           hidden_size=hidden_size, num_layers=layers,
+                                           model_vocab_size=model_vocab), indent=2))
 
 
 @main.command()

@@ -52,7 +52,7 @@ def _lomo_cell(cfg: RunConfig) -> dict[str, Any]:
 
     from elastic_ft.core.lomo import Lomo
     from elastic_ft.core.model import load_model
-    from elastic_ft.core.optimizer import _RssPeak
+    from elastic_ft.core.probe import RssPeak
     from elastic_ft.core.train_loop import peak_mem_bytes
     from elastic_ft.data.prepared import PreparedData
 
@@ -66,7 +66,7 @@ def _lomo_cell(cfg: RunConfig) -> dict[str, Any]:
                 loss_scale=2.0**16 if cfg.train.precision == "fp16" else None)
     micro = int(cfg.train.micro_batch) if cfg.train.micro_batch != "auto" else 1
     times = []
-    with _RssPeak() as rss:
+    with RssPeak() as rss:
         for step in range(cfg.train.max_steps or 5):
             batch = {k: v.to(model.device) for k, v in
                      data.batch(list(range(step * micro, (step + 1) * micro))).items()}

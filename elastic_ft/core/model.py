@@ -38,6 +38,9 @@ def load_model(cfg: RunConfig) -> Any:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method.kind in ("lora", "qlora"):
         model = apply_lora(model, cfg)
+    # from_pretrained returns eval mode, where Hugging Face silently skips gradient
+    # checkpointing and dropout; every caller of load_model trains.
+    model.train()
     return model
 
 

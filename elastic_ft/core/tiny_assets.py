@@ -68,18 +68,21 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 1000, sample_dir: Path = SA
 
 def build_model(out_dir: Path, vocab_size: int, seed: int = 0, hidden_size: int = 64,
                 num_layers: int = 2) -> int:
+    """Tiny by default; wider settings give a Llama-shaped model (head dim 64, Llama's MLP
+    ratio) of a few hundred million parameters for memory and throughput measurements."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    tiny = hidden_size < 256
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=hidden_size * 2 if tiny else int(hidden_size * 2.6875),
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+        num_attention_heads=4 if tiny else hidden_size // 64,
+        num_key_value_heads=2 if tiny else hidden_size // 64,
+        max_position_embeddings=1024 if tiny else 4096,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
@@ -90,11 +93,18 @@ def build_model(out_dir: Path, vocab_size: int, seed: int = 0, hidden_size: int 
     return sum(p.numel() for p in model.parameters())
 
 
-def make_tiny_assets(out_dir: str | Path, vocab_size: int = 1000, seed: int = 0) -> dict[str, str]:
-    """Write `OUT/tokenizer` and `OUT/model` (the model dir also holds the tokenizer)."""
+def make_tiny_assets(out_dir: str | Path, vocab_size: int = 1000, seed: int = 0,
+                     hidden_size: int = 64, num_layers: int = 2,
+                     model_vocab_size: int | None = None) -> dict[str, str]:
+    """Write `OUT/tokenizer` and `OUT/model` (the model dir also holds the tokenizer).
+
+    `model_vocab_size` above the tokenizer's gives a real model's embedding/logit sizes
+    (e.g. 32000) while the ids stay within the local tokenizer's vocabulary.
+    """
     out = Path(out_dir)
     model_dir, tok_dir = out / "model", out / "tokenizer"
     tokenizer = build_tokenizer(tok_dir, vocab_size=vocab_size)
-    n_params = build_model(model_dir, vocab_size=len(tokenizer), seed=seed)
+    n_params = build_model(model_dir, vocab_size=max(len(tokenizer), model_vocab_size or 0),
+                           seed=seed, hidden_size=hidden_size, num_layers=num_layers)
     tokenizer.save_pretrained(model_dir)
     return {"model": str(model_dir), "tokenizer": str(tok_dir), "parameters": str(n_params)}

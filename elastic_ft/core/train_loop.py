@@ -44,6 +44,18 @@ def training_mem_bytes(baseline_bytes: int) -> int:
     return max(0, peak_mem_bytes() - baseline_bytes)
 
 
+def hold_to_cuda_cap() -> None:
+    """`ELASTIC_FT_CUDA_MEM_CAP_BYTES` holds each worker to that much of its GPU without the
+    planner knowing: a drill for a smaller card or a co-tenant, which makes a real
+    `torch.OutOfMemoryError` happen mid-run so the recovery path can be watched."""
+    import torch
+
+    cap = os.environ.get("ELASTIC_FT_CUDA_MEM_CAP_BYTES")
+    if cap and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, int(cap) / total))
+
+
 def train_worker(config: dict[str, Any]) -> None:
     import deepspeed  # noqa: F401  (imported before torch work so its accelerator is chosen once)
     import ray
@@ -85,6 +97,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from elastic_ft.core.model import trainable_parameters
 
+    hold_to_cuda_cap()
     baseline_bytes = peak_mem_bytes()
     model = load_model(cfg)
     engine, scheduler = build_engine(cfg, model, _plan_obj(plan), total_steps, universal)
@@ -145,7 +158,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 pending_poll = controller.poll.remote()
         # One small all-reduce per step carries the loss, the token count and whether rank 0
         # holds a controller request; the request itself is broadcast only when one exists.
-        totals = torch.tensor([loss_sum, float(real_tokens), float(request is not None)])
+        # On the device: NCCL groups have no CPU backend.
+        totals = torch.tensor([loss_sum, float(real_tokens), float(request is not None)],
+                              device=device)
         dist.all_reduce(totals)
         step += 1
         position = next_position

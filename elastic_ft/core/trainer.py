@@ -34,8 +34,10 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         ray.init(address=address, log_to_driver=True)
     else:
         # "local": a new embedded cluster, even if a `ray start` head runs on this machine
+        # ELASTIC_FT_DASHBOARD=0: no dashboard (an image without ray[default]'s packages)
         ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
-                 include_dashboard=True, log_to_driver=True)
+                 include_dashboard=os.environ.get("ELASTIC_FT_DASHBOARD", "1") != "0",
+                 log_to_driver=True)
     return True
 
 

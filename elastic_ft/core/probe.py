@@ -1,0 +1,167 @@
+"""The measured micro-batch probe: a few real DeepSpeed steps per candidate size.
+
+Each candidate runs in its own single-process Ray task (`max_calls=1`): the model is loaded and
+wrapped by the same `build_engine` the workers use, two steps run at the longest sequence, and
+the peak is read (`torch.cuda.max_memory_allocated` on GPU, peak RSS growth on CPU). A fresh
+process per candidate keeps one size's allocator cache and heap out of the next one's figure,
+and an OOM - even one the OS answers by killing the process - costs only that task: it reads as
+"too big", never a crash.
+
+On GPU a size fits when the allocator's *reserved* peak is within the budget: fragmentation and
+the caching allocator's slack are memory the device must really hold, so deciding on the
+allocated figure alone can pick a size that then OOMs.
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+import threading
+import time
+from typing import Any
+
+import psutil
+
+from elastic_ft.config import RunConfig
+
+
+class RssPeak:
+    """Peak RSS growth of this process while the block runs (CPU has no allocator counter)."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.interval_s = interval_s
+        self.proc = psutil.Process()
+
+    def __enter__(self) -> RssPeak:
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def _single_process_group() -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    # DeepSpeed reads the launcher's variables even over an existing process group.
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                        ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    import deepspeed
+
+    # Wrapping the group now loads DeepSpeed's comm op outside the measured window.
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def _is_oom(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def measure_candidate(cfg: RunConfig, micro_batch: int, steps: int = 2) -> dict[str, int] | None:
+    """Peak bytes of `steps` DeepSpeed steps at (micro_batch, seq_len); None when it OOMs.
+
+    Returns {"peak_bytes", "reserved_bytes"}; on CPU both are the RSS growth.
+    """
+    import deepspeed  # noqa: F401  (chooses its accelerator before torch work)
+    import peft  # noqa: F401  (module imports are not the step's memory)
+    import torch
+    import transformers  # noqa: F401
+
+    from elastic_ft.core.engine import build_engine
+    from elastic_ft.core.model import load_model
+    from elastic_ft.resources.policy import BatchPlan
+
+    _single_process_group()
+    cuda = torch.cuda.is_available()
+    plan = BatchPlan(world_size=1, micro_batch=micro_batch, grad_accum=1,
+                     global_batch=micro_batch, requested_global_batch=micro_batch, lr_scale=1.0,
+                     reason="probe")
+    engine = None
+    rss = RssPeak()
+    try:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with rss:
+            model = load_model(cfg)
+            engine, _ = build_engine(cfg, model, plan, total_steps=steps, load_universal=False)
+            vocab = engine.module.config.vocab_size
+            ids = torch.randint(0, vocab, (micro_batch, cfg.data.seq_len), device=engine.device)
+            for _ in range(steps):
+                engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
+                engine.step()
+            if cuda:
+                torch.cuda.synchronize()
+        if cuda:
+            return {"peak_bytes": int(torch.cuda.max_memory_allocated()),
+                    "reserved_bytes": int(torch.cuda.max_memory_reserved())}
+        return {"peak_bytes": rss.growth, "reserved_bytes": rss.growth}
+    except Exception as error:  # an OOM is an answer here; anything else is not
+        if _is_oom(error):
+            return None
+        raise
+    finally:
+        if engine is not None and hasattr(engine, "destroy"):
+            engine.destroy()
+        del engine
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def probe_micro_batch(cfg: RunConfig, budget_bytes: int, limit: int, use_gpu: bool,
+                      steps: int = 2) -> dict[str, Any]:
+    """Largest micro-batch <= `limit` whose measured peak fits `budget_bytes`: doubling, then
+    bisection. Every candidate is a fresh Ray task holding one worker's resources."""
+    import ray
+
+    task = ray.remote(num_cpus=0.5, num_gpus=1 if use_gpu else 0, max_retries=0,
+                      max_calls=1)(measure_candidate)
+    measured: dict[int, dict[str, int] | None] = {}
+
+    def fits(m: int) -> bool:
+        if m not in measured:
+            try:
+                measured[m] = ray.get(task.remote(cfg, m, steps))
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError):
+                measured[m] = None  # the OS or Ray's memory monitor killed it: too big
+        result = measured[m]
+        return result is not None and result["reserved_bytes"] <= budget_bytes
+
+    good, m = 0, 1
+    while m <= limit and fits(m):
+        good, m = m, m * 2
+    lo, hi = good, min(m, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return {"largest_fit": lo,
+            "peaks": {str(k): v and v["peak_bytes"] for k, v in sorted(measured.items())},
+            "reserved": {str(k): v and v["reserved_bytes"] for k, v in sorted(measured.items())}}
