@@ -199,17 +199,20 @@ def bench_scaling(config: str, workers: str, steps: int, warmup_steps: int, mode
 @click.argument("config")
 @click.option("--steps", default=30, show_default=True)
 @click.option("--warmup-steps", default=5, show_default=True)
+@click.option("--repeats", default=1, show_default=True,
+              help="interleaved rounds; medians are reported")
 @click.option("--out", type=click.Path(), default=None,
               help="default: benchmarks/results/<hardware-tag>/")
 @click.option("--set", "overrides", multiple=True)
-def bench_overhead(config: str, steps: int, warmup_steps: int, out: str | None,
+def bench_overhead(config: str, steps: int, warmup_steps: int, repeats: int, out: str | None,
                    overrides: tuple[str, ...]) -> None:
     """elastic_ft tokens/s against a plain DeepSpeed loop and Ray Train + HF Trainer."""
     from elastic_ft.bench.overhead import run_overhead
     from elastic_ft.bench.report import default_out_dir, overhead_markdown
 
     cfg = _config(config, overrides)
-    result = run_overhead(cfg, Path(out or "runs/bench") / "overhead-work", steps, warmup_steps)
+    result = run_overhead(cfg, Path(out or "runs/bench") / "overhead-work", steps, warmup_steps,
+                          repeats)
     out_dir = Path(out) if out else default_out_dir(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "overhead.json").write_text(json.dumps(result, indent=2))

@@ -28,7 +28,10 @@ def ray_local():
         ray.shutdown()
     # 4 logical CPUs on a 2-core box: training workers and data tasks never starve each other.
     # address="local": never attach to a `ray start` head another test left on this machine
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from elastic_ft.resources import sigterm
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env=sigterm.RUNTIME_ENV)
     yield ray
     ray.shutdown()
 

@@ -120,16 +120,17 @@ def hf_trainer_loop(config: dict[str, Any]) -> None:
     prepare_trainer(trainer).train()
 
 
-def run_overhead(cfg: RunConfig, out_dir: Path, steps: int = 30, warmup_steps: int = 5
-                 ) -> dict[str, Any]:
+def run_overhead(cfg: RunConfig, out_dir: Path, steps: int = 30, warmup_steps: int = 5,
+                 repeats: int = 1) -> dict[str, Any]:
+    """tokens/s of the three loops, `repeats` rounds interleaved (the order rotates each round,
+    so drift on a shared machine hits every loop alike); medians and per-round ratios."""
+    import statistics
+
     import ray
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from elastic_ft.bench.hardware import hardware_record
     from elastic_ft.core.model import tokenizer_path
-    from elastic_ft.core.trainer import ensure_ray, resolve_use_gpu, run_training
+    from elastic_ft.core.trainer import ensure_ray, resolve_use_gpu
     from elastic_ft.data.pipeline import prepare_data
 
     cfg = cfg.with_absolute_paths()
@@ -142,17 +143,38 @@ def run_overhead(cfg: RunConfig, out_dir: Path, steps: int = 30, warmup_steps: i
         use_gpu = resolve_use_gpu(cfg)
         prepared, _ = prepare_data(cfg.data, tokenizer_path(cfg), out_dir / "data")
         blocks_ref = ray.put(prepared.table)
-        tps: dict[str, float] = {}
-        for name, loop in (("plain_deepspeed", plain_deepspeed_loop),
-                           ("hf_trainer", hf_trainer_loop)):
-            metrics = out_dir / f"{name}.jsonl"
-            metrics.unlink(missing_ok=True)
-            TorchTrainer(loop, train_loop_config={
-                "run": cfg.to_dict(), "blocks_ref": blocks_ref, "steps": steps,
-                "metrics": str(metrics), "out_dir": str(out_dir / name), "use_gpu": use_gpu},
-                scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu),
-                run_config=RayRunConfig(name=name, storage_path=str(out_dir / "ray"))).fit()
-            tps[name] = _timed_rows(metrics, warmup_steps)
+        names = ["elastic_ft", "plain_deepspeed", "hf_trainer"]
+        rounds: list[dict[str, float]] = []
+        for r in range(repeats):
+            order = names[r % 3:] + names[:r % 3]
+            rounds.append({name: _one_loop(name, cfg, out_dir / f"round{r}", blocks_ref, world,
+                                           use_gpu, steps, warmup_steps) for name in order})
+        hardware = hardware_record()
+    finally:
+        if started:
+            ray.shutdown()
+    tps = {name: statistics.median(r[name] for r in rounds) for name in names}
+    return {"benchmark": "overhead", "hardware": hardware, "world_size": world, "steps": steps,
+            "warmup_steps": warmup_steps, "global_batch": cfg.train.global_batch,
+            "repeats": repeats, "rounds": rounds, "tokens_per_s": tps,
+            "elastic_ft_vs_plain": statistics.median(
+                r["elastic_ft"] / r["plain_deepspeed"] for r in rounds),
+            "elastic_ft_vs_hf_trainer": statistics.median(
+                r["elastic_ft"] / r["hf_trainer"] for r in rounds)}
+
+
+def _one_loop(name: str, cfg: RunConfig, out_dir: Path, blocks_ref: Any, world: int,
+              use_gpu: bool, steps: int, warmup_steps: int) -> float:
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from elastic_ft.core.trainer import run_training
+
+    metrics = out_dir / f"{name}.jsonl"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.unlink(missing_ok=True)
+    if name == "elastic_ft":
         ours = cfg.model_copy(update={
             "output_dir": str(out_dir / "elastic_ft"), "storage_path": None,
             "train": cfg.train.model_copy(update={"max_steps": steps}),
@@ -161,16 +183,14 @@ def run_overhead(cfg: RunConfig, out_dir: Path, steps: int = 30, warmup_steps: i
         run_training(ours, export=False)
         rows = [json.loads(x) for x in (out_dir / "elastic_ft" / "metrics.jsonl").read_text()
                 .splitlines()]
-        (out_dir / "elastic_ft.jsonl").write_text("".join(json.dumps(
+        metrics.write_text("".join(json.dumps(
             {"step": r["step"], "t": r["t"], "trainable_tokens": r["trained_real_tokens"]}) + "\n"
             for r in rows))
-        tps["elastic_ft"] = _timed_rows(out_dir / "elastic_ft.jsonl", warmup_steps)
-        hardware = hardware_record()
-    finally:
-        if started:
-            ray.shutdown()
-    return {"benchmark": "overhead", "hardware": hardware, "world_size": world, "steps": steps,
-            "warmup_steps": warmup_steps, "global_batch": cfg.train.global_batch,
-            "tokens_per_s": tps,
-            "elastic_ft_vs_plain": tps["elastic_ft"] / tps["plain_deepspeed"],
-            "elastic_ft_vs_hf_trainer": tps["elastic_ft"] / tps["hf_trainer"]}
+        return _timed_rows(metrics, warmup_steps)
+    loop = plain_deepspeed_loop if name == "plain_deepspeed" else hf_trainer_loop
+    TorchTrainer(loop, train_loop_config={
+        "run": cfg.to_dict(), "blocks_ref": blocks_ref, "steps": steps,
+        "metrics": str(metrics), "out_dir": str(out_dir / name), "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu),
+        run_config=RayRunConfig(name=name, storage_path=str(out_dir / "ray"))).fit()
+    return _timed_rows(metrics, warmup_steps)

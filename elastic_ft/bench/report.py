@@ -92,12 +92,17 @@ def compare_markdown(results: list[dict[str, Any]]) -> str:
 
 def overhead_markdown(result: dict[str, Any]) -> str:
     tps = result["tokens_per_s"]
+    rounds = result.get("rounds") or [tps]
     lines = [f"Overhead at world size {result['world_size']}, global batch "
              f"{result['global_batch']}, {result['steps']} steps ({result['warmup_steps']} "
-             "warm-up): trainable tokens per second", "",
-             "| loop | tokens/s | elastic_ft / this |", "|---|---|---|"]
+             f"warm-up), {len(rounds)} interleaved round(s): trainable tokens per second "
+             "(median; per-round figures after it)", "",
+             "| loop | tokens/s | per round | elastic_ft / this (median of rounds) |",
+             "|---|---|---|---|"]
     for name in ("elastic_ft", "plain_deepspeed", "hf_trainer"):
-        lines.append(f"| {name} | {tps[name]:.0f} | {tps['elastic_ft'] / tps[name]:.3f} |")
+        ratio = sorted(r["elastic_ft"] / r[name] for r in rounds)[len(rounds) // 2]
+        per_round = ", ".join(f"{r[name]:.0f}" for r in rounds)
+        lines.append(f"| {name} | {tps[name]:.0f} | {per_round} | {ratio:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -65,7 +65,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from elastic_ft.core.engine import build_engine
     from elastic_ft.core.model import load_model
+    from elastic_ft.resources import sigterm
 
+    sigterm.arm()  # from here a first SIGTERM means "checkpoint now", not "exit now"
     cfg = RunConfig.model_validate(config["run"])
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
@@ -150,6 +152,10 @@ def train_worker(config: dict[str, Any]) -> None:
                 raise
             engine.step()
             loss_sum += float(out.loss.detach())
+        if sigterm.take_notice() is not None:
+            controller.preemption_notice.remote(ray.get_runtime_context().get_node_id(), {
+                "source": "sigterm", "kind": "sigterm", "deadline_s": None,
+                "detail": f"SIGTERM to rank {rank} (pid {os.getpid()}) in step {step + 1}"})
         request = None
         if rank == 0:
             ready, _ = ray.wait([pending_poll], timeout=0)
@@ -218,6 +224,7 @@ def train_worker(config: dict[str, Any]) -> None:
     all_peaks = [0] * world
     dist.all_gather_object(all_peaks, peak_mem_bytes())
     save_final(engine, cfg, rank)
+    sigterm.disarm()  # done: Ray's own shutdown may SIGTERM this process
     if rank == 0:
         controller.record.remote("end", {"step": step, "world_size": world,
                                          "peak_mem_bytes": all_peaks,

@@ -26,18 +26,20 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     """
     import ray
 
+    from elastic_ft.resources import sigterm
+
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=sigterm.RUNTIME_ENV)
     else:
         # "local": a new embedded cluster, even if a `ray start` head runs on this machine
         # ELASTIC_FT_DASHBOARD=0: no dashboard (an image without ray[default]'s packages)
         ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
                  include_dashboard=os.environ.get("ELASTIC_FT_DASHBOARD", "1") != "0",
-                 log_to_driver=True)
+                 log_to_driver=True, runtime_env=sigterm.RUNTIME_ENV)
     return True
 
 

@@ -25,12 +25,15 @@ class FakeNodeCluster:
         import ray
         from ray.cluster_utils import Cluster
 
+        from elastic_ft.resources import sigterm
+
         if ray.is_initialized():
             ray.shutdown()
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": head_cpus, "include_dashboard": False})
         self.nodes: list[Any] = [self.add_node() for _ in range(num_nodes)]
-        ray.init(address=self.cluster.address, log_to_driver=False)
+        ray.init(address=self.cluster.address, log_to_driver=False,
+                 runtime_env=sigterm.RUNTIME_ENV)
 
     def add_node(self) -> Any:
         """Main thread only: Ray's node start installs signal handlers."""

@@ -112,3 +112,34 @@ def test_preemption_drain_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_a
     assert resume["world_size"] == 1 and resume["step"] == jit["step"]  # no step lost
     assert summary["steps"] == 400
     assert_each_sample_once(out)
+
+
+def test_sigterm_to_a_worker_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_assets,
+                                                                     tmp_path):
+    """A spot node's shutdown reaches the worker as SIGTERM: the worker keeps running to the
+    next step boundary, a just-in-time checkpoint is taken, and when the node then goes the
+    run resumes from that step."""
+    import os
+    import signal
+
+    out = tmp_path / "sigterm"
+    run = BackgroundRun(_cfg(tiny_assets, out, **{"train.max_steps": 200}))
+    run.wait_until(lambda r: len(r.metrics()) >= 5, 180, "5 steps at world size 2")
+    start = _of(run.events(), "start")[-1]
+    node = cluster.nodes[-1]
+    os.kill(start["pids"][start["nodes"].index(node.node_id)], signal.SIGTERM)
+    run.wait_until(lambda r: any(e["event"] == "jit_checkpoint" for e in r.events()), 60,
+                   "just-in-time checkpoint after the SIGTERM")
+    cluster.remove_node(node)  # the node goes after its notice
+    summary = run.join(300)
+    cluster.add_node()
+
+    events = run.events()
+    notice = _of(events, "preemption_notice")[0]
+    assert notice["source"] == "sigterm" and notice["node_id"] == node.node_id
+    jit = _of(events, "jit_checkpoint")[0]
+    assert jit["reason"] == "preemption"
+    resume = _of(events, "resume")[0]
+    assert resume["world_size"] == 1 and resume["step"] == jit["step"]  # no step lost
+    assert summary["steps"] == 200
+    assert_each_sample_once(out)

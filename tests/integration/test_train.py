@@ -143,3 +143,33 @@ def test_micro_batch_auto_probes_and_trains(tmp_path, tiny_assets, ray_local) ->
     assert plan["micro_batch"] <= auto["chosen"]
     assert plan["micro_batch"] * plan["grad_accum"] * plan["world_size"] == 8
     assert summary["steps"] == 3 and summary["final_loss"] > 0
+
+
+def test_full_finetune_resumes_at_another_world_size_with_optimizer_state(
+        tmp_path, tiny_assets, ray_local) -> None:
+    """ZeRO-1 and ZeRO-3, 2 workers -> checkpoint -> 1 worker: the universal checkpoint carries
+    the Adam moments, so the resumed steps match an uninterrupted 2-worker run (ZeRO stages
+    give the same losses; a fresh optimizer would not)."""
+    from elastic_ft.core.trainer import run_training
+
+    settings = {"method.kind": "full", "optim.lr": 0.003, "optim.schedule": "constant",
+                "optim.warmup_steps": 0, "train.global_batch": 4, "train.micro_batch": 1,
+                "checkpoint.every_steps": 4}
+    reference = tmp_path / "reference"
+    run_training(_cfg(tiny_assets, reference, **settings, **{
+        "train.max_steps": 6, "deepspeed.zero_stage": 1}), export=False)
+    expected = _metrics(reference)
+    for zero_stage in (1, 3):
+        out = tmp_path / f"zero{zero_stage}"
+        stage = {**settings, "deepspeed.zero_stage": zero_stage}
+        run_training(_cfg(tiny_assets, out, **stage, **{"train.max_steps": 4}), export=False)
+        run_training(_cfg(tiny_assets, out, **stage, **{
+            "train.max_steps": 6, "workers.min": 1, "workers.max": 1}), export=False)
+        resume = [e for e in read_events(out / "events.jsonl") if e["event"] == "resume"][-1]
+        assert (resume["step"], resume["from_world_size"], resume["world_size"]) == (4, 2, 1)
+        assert resume["universal"] is True
+        resumed = _metrics(out)
+        for step in (5, 6):
+            assert resumed[step]["world_size"] == 1
+            assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-4), (
+                zero_stage, step)
