@@ -6,8 +6,9 @@ Layout of one checkpoint directory (the per-rank parts are merged by Ray Train's
     ds/                        DeepSpeed's own files for tag "ds"
 A checkpoint at another world size is converted once to DeepSpeed's universal format
 (`ds_to_universal`) and loaded with `load_universal`, which keeps the optimizer state.
-Nothing here unpickles arbitrary objects: DeepSpeed's own loader reads its files, and our state
-is JSON.
+Nothing here unpickles arbitrary objects: our state is JSON, and DeepSpeed's loader and
+converter, which call `torch.load(weights_only=False)`, run under
+`safe_load.weights_only_loads()` (weights only, a short allowlist of DeepSpeed data types).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def to_universal(ckpt_dir: Path, work_dir: Path | None = None) -> Path:
     universal_tag = f"{TAG}_universal"
     if (out / universal_tag).exists():
         shutil.rmtree(out / universal_tag)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+    cmd = [sys.executable, "-m", "elastic_ft.core.safe_load",  # ds_to_universal, weights only
            "--input_folder", str(ckpt_dir / TAG), "--output_folder", str(out / universal_tag),
            "--num_extract_workers", "1", "--num_merge_workers", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True)

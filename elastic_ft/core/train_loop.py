@@ -65,6 +65,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from elastic_ft.core.engine import build_engine
     from elastic_ft.core.model import load_model
+    from elastic_ft.core.safe_load import weights_only_loads
     from elastic_ft.resources import sigterm
 
     sigterm.arm()  # from here a first SIGTERM means "checkpoint now", not "exit now"
@@ -107,8 +108,9 @@ def train_worker(config: dict[str, Any]) -> None:
     if state is not None and ckpt_dir is not None:
         t0 = time.time()
         load_dir, tag = (to_universal(ckpt_dir), f"{TAG}_universal") if universal else (ckpt_dir, TAG)
-        engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
+        with weights_only_loads():  # DeepSpeed's loader would unpickle: code could run
+            engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
         step, position = int(state["step"]), DataPosition(**state["position"])
         if rank == 0:
             controller.record.remote("resume", {

@@ -1,0 +1,54 @@
+"""Checkpoint loads that cannot run code.
+
+DeepSpeed 0.19 reads its checkpoint files with `torch.load(weights_only=False)`, a full unpickle
+that runs whatever a crafted file asks. Every DeepSpeed load and universal conversion in
+elastic_ft runs inside `weights_only_loads()`, which forces `weights_only=True` and allows only
+the plain-data DeepSpeed types its files hold. The list was found by loading real ZeRO-0/1/2/3
+checkpoints, LoRA and full, directly and after `ds_to_universal` (tests/core/test_safe_load.py).
+
+    python -m elastic_ft.core.safe_load --input_folder IN --output_folder OUT
+runs DeepSpeed's `ds_to_universal` converter the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def deepspeed_safe_globals() -> list[Any]:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    import torch
+
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        torch.load = original
+
+
+def main() -> None:
+    from deepspeed.checkpoint import ds_to_universal
+
+    with weights_only_loads():
+        ds_to_universal.main(ds_to_universal.parse_arguments())
+
+
+if __name__ == "__main__":
+    main()
