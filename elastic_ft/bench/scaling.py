@@ -51,9 +51,10 @@ def _reuse_prepared_data(source: Path, out: Path) -> None:
     """Every trial trains on the same prepared blocks; its fingerprint makes them a cache hit."""
     import shutil
 
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "prepared").exists():
-        shutil.copytree(source / "prepared", out / "prepared")
+    if out.exists():  # a trial measures a fresh run: never resume an earlier one's checkpoint
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copytree(source / "prepared", out / "prepared")
     for name in ("data_report.json", "quarantine.jsonl"):
         if (source / name).exists():
             shutil.copy2(source / name, out / name)

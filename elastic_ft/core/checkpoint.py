@@ -115,6 +115,33 @@ def find_latest_valid(storage_dir: str | Path, log: Any = None) -> VerifiedCheck
     return None
 
 
+MODEL_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
+              "vocab_size")
+
+
+def model_fingerprint(module: Any) -> dict[str, Any]:
+    """The shape a checkpoint was trained with, from the (peft-wrapped) model's HF config."""
+    config = module.config
+    return {key: getattr(config, key, None) for key in MODEL_KEYS}
+
+
+def check_resumable(state: dict[str, Any], method: str, fingerprint: dict[str, Any],
+                    ckpt_dir: str | Path) -> None:
+    """A checkpoint of another model or method in the run's storage is the wrong run's, not
+    a resume point: say so, before DeepSpeed fails on mismatched tensor shapes."""
+    if state.get("method", method) != method:
+        raise CheckpointError(
+            f"{ckpt_dir}: checkpoint is a {state['method']} run, the config asks for {method}; "
+            "point output_dir (or storage_path) at a new directory")
+    saved = state.get("model")
+    if saved and saved != fingerprint:
+        diff = {k: (saved.get(k), fingerprint.get(k)) for k in MODEL_KEYS
+                if saved.get(k) != fingerprint.get(k)}
+        raise CheckpointError(
+            f"{ckpt_dir}: checkpoint is of another model (checkpoint vs config: {diff}); "
+            "point output_dir (or storage_path) at a new directory")
+
+
 def needs_universal(state: dict[str, Any], world_size: int) -> bool:
     return int(state["zero_stage"]) > 0 and int(state["world_size"]) != world_size
 

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from elastic_ft.config import RunConfig
-from elastic_ft.core.checkpoint import TAG, needs_universal, to_universal
+from elastic_ft.core.checkpoint import (
+    TAG,
+    check_resumable,
+    model_fingerprint,
+    needs_universal,
+    to_universal,
+)
 from elastic_ft.core.worker_checkpoint import (
     newest_checkpoint,
     ray_train_preemption_info,
@@ -106,6 +112,7 @@ def train_worker(config: dict[str, Any]) -> None:
     engine, scheduler = build_engine(cfg, model, _plan_obj(plan), total_steps, universal)
     step, position = 0, DataPosition()
     if state is not None and ckpt_dir is not None:
+        check_resumable(state, cfg.method.kind, model_fingerprint(engine.module), ckpt_dir)
         t0 = time.time()
         load_dir, tag = (to_universal(ckpt_dir), f"{TAG}_universal") if universal else (ckpt_dir, TAG)
         with weights_only_loads():  # DeepSpeed's loader would unpickle: code could run

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic_ft.config import RunConfig
-from elastic_ft.core.checkpoint import save_rank_checkpoint
+from elastic_ft.core.checkpoint import model_fingerprint, save_rank_checkpoint
 from elastic_ft.data.prepared import DataPosition
 
 
@@ -72,7 +72,7 @@ def save_and_report(engine: Any, cfg: RunConfig, metrics: dict[str, Any], step: 
 
     state = {"step": step, "position": position.to_dict(), "world_size": world,
              "zero_stage": cfg.deepspeed.zero_stage, "method": cfg.method.kind, "plan": plan,
-             "saved_at": time.time()}
+             "model": model_fingerprint(engine.module), "saved_at": time.time()}
     t0 = time.time()
     tmp = tempfile.mkdtemp(prefix="eft_ckpt_")
     save_rank_checkpoint(engine, Path(tmp), rank, state if rank == 0 else None)

@@ -57,6 +57,8 @@ def test_lora_zero2_two_workers_then_resume_at_one(tmp_path, tiny_assets, ray_lo
 
     # corrupt the newest checkpoint (truncate one of its files), as a crash mid-write would
     (newest,) = (out / "ray_storage" / "train").glob("checkpoint_00000016_*")
+    saved = json.loads((newest / "state.json").read_text())
+    assert saved["model"]["hidden_size"] == 64 and saved["method"] == "lora"  # resume guard
     victim = max((p for p in (newest / "ds").rglob("*") if p.is_file()),
                  key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
