@@ -87,7 +87,7 @@ def accuracy(models: list[str], micros: list[int], zeros: list[int], methods: li
 def probe_check(model: str, method: str, budget_bytes: int, seq: int, limit: int) -> dict:
     import ray
 
-    from elastic_ft.core.probe import probe_micro_batch
+    from elastic_ft.core.probe import largest_passing, probe_micro_batch
 
     cfg = cell_config(model, method, 2, False, seq, "bf16", budget_bytes)
     probed = probe_micro_batch(cfg, budget_bytes, limit=limit, use_gpu=True)
@@ -100,12 +100,7 @@ def probe_check(model: str, method: str, budget_bytes: int, seq: int, limit: int
             fits[m] = ray.get(task.remote(cfg, m, budget_bytes))
         return fits[m]
 
-    lo, hi = 0, max(1, pick)
-    while hi <= 4 * limit and trains(hi):  # double above the pick until it no longer trains
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if trains(mid) else (lo, mid)
+    lo = largest_passing(trains, 4 * limit, start=pick)  # doubling above the pick, bisection
     row = {"method": method, "budget_bytes": budget_bytes, "seq_len": seq, "probe_pick": pick,
            "largest_real_fit": lo, "pick_over_real": pick / lo if lo else None,
            "probe_peaks": probed["peaks"], "probe_reserved": probed["reserved"],

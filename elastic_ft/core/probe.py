@@ -18,6 +18,7 @@ import gc
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -55,7 +56,7 @@ class RssPeak:
         return self.peak - self.base
 
 
-def _single_process_group() -> None:
+def single_process_group() -> None:
     import os
 
     import torch
@@ -99,7 +100,7 @@ def measure_candidate(cfg: RunConfig, micro_batch: int, steps: int = 2) -> dict[
     from elastic_ft.core.model import load_model
     from elastic_ft.resources.policy import BatchPlan
 
-    _single_process_group()
+    single_process_group()
     cuda = torch.cuda.is_available()
     plan = BatchPlan(world_size=1, micro_batch=micro_batch, grad_accum=1,
                      global_batch=micro_batch, requested_global_batch=micro_batch, lr_scale=1.0,
@@ -136,6 +137,19 @@ def measure_candidate(cfg: RunConfig, micro_batch: int, steps: int = 2) -> dict[
             torch.cuda.empty_cache()
 
 
+def largest_passing(passes: Callable[[int], bool], limit: int, start: int = 1) -> int:
+    """Largest m <= limit with passes(m), for a monotone test: doubling from `start`, then
+    bisection (0 when nothing passes)."""
+    good, m = 0, max(1, start)
+    while m <= limit and passes(m):
+        good, m = m, m * 2
+    lo, hi = good, min(m, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if passes(mid) else (lo, mid)
+    return lo
+
+
 def probe_micro_batch(cfg: RunConfig, budget_bytes: int, limit: int, use_gpu: bool,
                       steps: int = 2) -> dict[str, Any]:
     """Largest micro-batch <= `limit` whose measured peak fits `budget_bytes`: doubling, then
@@ -155,13 +169,6 @@ def probe_micro_batch(cfg: RunConfig, budget_bytes: int, limit: int, use_gpu: bo
         result = measured[m]
         return result is not None and result["reserved_bytes"] <= budget_bytes
 
-    good, m = 0, 1
-    while m <= limit and fits(m):
-        good, m = m, m * 2
-    lo, hi = good, min(m, limit + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return {"largest_fit": lo,
+    return {"largest_fit": largest_passing(fits, limit),
             "peaks": {str(k): v and v["peak_bytes"] for k, v in sorted(measured.items())},
             "reserved": {str(k): v and v["reserved_bytes"] for k, v in sorted(measured.items())}}
