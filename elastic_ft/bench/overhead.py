@@ -13,6 +13,7 @@ packing's gain over padding shows up as tokens/s rather than as samples/s.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,11 @@ def run_overhead(cfg: RunConfig, out_dir: Path, steps: int = 30, warmup_steps: i
         rounds: list[dict[str, float]] = []
         for r in range(repeats):
             order = names[r % 3:] + names[:r % 3]
-            rounds.append({name: _one_loop(name, cfg, out_dir / f"round{r}", blocks_ref, world,
-                                           use_gpu, steps, warmup_steps) for name in order})
+            round_dir = out_dir / f"round{r}"
+            # a round measures fresh runs: elastic_ft would otherwise resume a previous round
+            shutil.rmtree(round_dir, ignore_errors=True)
+            rounds.append({name: _one_loop(name, cfg, round_dir, blocks_ref, world, use_gpu,
+                                           steps, warmup_steps) for name in order})
         hardware = hardware_record()
     finally:
         if started:
