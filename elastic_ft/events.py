@@ -25,6 +25,8 @@ def redact(value: Any) -> Any:
         }
     if isinstance(value, list):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _URI_CREDENTIALS.sub(r"\1<redacted>@", value)
     return value
 
 
@@ -33,9 +35,13 @@ _SECRET_ASSIGNMENT = re.compile(
     re.IGNORECASE)
 
 
+# `s3://KEY:SECRET@bucket/path`: pyarrow takes credentials in a storage URI
+_URI_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
 def redact_text(text: str) -> str:
     """`HF_TOKEN=hf_abc` -> `HF_TOKEN=<redacted>` in free text such as streamed job logs."""
-    return _SECRET_ASSIGNMENT.sub(r"\1<redacted>", text)
+    return _URI_CREDENTIALS.sub(r"\1<redacted>@", _SECRET_ASSIGNMENT.sub(r"\1<redacted>", text))
 
 
 class EventLog:

@@ -8,6 +8,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The tests' S3 is moto's server on 127.0.0.1 (`s3_storage`); it takes any credentials. Set
+# here, before any Ray starts, so that the driver and every Ray worker see them.
+for _key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    os.environ.setdefault(_key, "testing")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +39,28 @@ def ray_local():
              runtime_env=sigterm.RUNTIME_ENV)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3_storage():
+    """A real S3 API (moto's server) on 127.0.0.1 and a fresh bucket: yields a storage URI
+    the way a user writes one for MinIO or another S3-compatible store."""
+    import logging
+    import uuid
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    bucket = f"eft-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+        Bucket=bucket)
+    yield f"s3://{bucket}/runs?endpoint_override={endpoint}&region=us-east-1"
+    server.stop()
 
 
 def losses_by_step(out: Path) -> dict[int, float]:

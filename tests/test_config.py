@@ -47,3 +47,7 @@ def test_secrets_never_reach_saved_config() -> None:
 
     assert redact({"hf_token": "abc", "nested": {"api_key": "x", "ok": 1}}) == {
         "hf_token": "<redacted>", "nested": {"api_key": "<redacted>", "ok": 1}}
+    uri = "s3://AKIAXYZ:s3cr3t@bucket/runs?region=us-east-1"
+    assert redact({"storage_path": uri}) == {
+        "storage_path": "s3://<redacted>@bucket/runs?region=us-east-1"}
+    assert redact({"storage_path": "s3://bucket/runs"}) == {"storage_path": "s3://bucket/runs"}

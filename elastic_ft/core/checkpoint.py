@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 TAG = "ds"
+RUN_NAME = "train"  # Ray Train's run name: checkpoints live in STORAGE/train/checkpoint_*
 STATE_FILE = "state.json"
 MANIFEST_RE = re.compile(r"manifest\.rank(\d+)\.json")
 
@@ -33,17 +34,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is partial, corrupted or missing a shard."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(ckpt_dir: Path, rank: int) -> None:
     files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and not MANIFEST_RE.match(p.name))
-    entries = {str(p.relative_to(ckpt_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    fs = _local_fs()
+    entries = {str(p.relative_to(ckpt_dir)): {"bytes": p.stat().st_size,
+                                               "sha256": _fs_sha256(fs, str(p))}
                for p in files}
     tmp = ckpt_dir / f".manifest.rank{rank}.tmp"
     tmp.write_text(json.dumps({"rank": rank, "files": entries}, indent=1))
@@ -60,59 +55,132 @@ def save_rank_checkpoint(engine: Any, ckpt_dir: Path, rank: int, state: dict[str
     write_manifest(ckpt_dir, rank)
 
 
+def storage_fs(storage: str) -> tuple[Any, str]:
+    """The pyarrow filesystem and path Ray Train resolves for a storage path or URI (local
+    dir, NFS, `s3://`, `gs://`, `hdfs://`, with query options such as `endpoint_override`)."""
+    import pyarrow.fs as pafs
+
+    if "://" not in storage:
+        return pafs.LocalFileSystem(), str(Path(storage).resolve())
+    return pafs.FileSystem.from_uri(storage)
+
+
+def run_storage(storage: str) -> tuple[Any, str]:
+    """The filesystem and the run directory holding the `checkpoint_*` dirs."""
+    fs, root = storage_fs(storage)
+    return fs, f"{root.rstrip('/')}/{RUN_NAME}"
+
+
+def _local_fs() -> Any:
+    import pyarrow.fs as pafs
+
+    return pafs.LocalFileSystem()
+
+
+def _read(fs: Any, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _fs_sha256(fs: Any, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class VerifiedCheckpoint:
-    path: Path
+    path: str  # on `fs`: a local path, or the bucket path of a URI storage
     state: dict[str, Any]
+    fs: Any = None
 
 
-def verify_checkpoint(ckpt_dir: str | Path) -> VerifiedCheckpoint:
-    """Check state.json and every rank's manifest (sizes and checksums); raise on any gap."""
-    path = Path(ckpt_dir)
-    state_file = path / STATE_FILE
-    if not state_file.exists():
-        raise CheckpointError(f"{path}: missing {STATE_FILE}")
+def verify_checkpoint(ckpt_dir: str | Path, fs: Any = None) -> VerifiedCheckpoint:
+    """Check state.json and every rank's manifest (sizes and checksums); raise on any gap.
+
+    `fs` is a pyarrow filesystem (local when None), so storage on S3/GCS/HDFS is verified
+    in place, before any rank downloads it."""
+    import pyarrow.fs as pafs
+
+    fs = fs or _local_fs()
+    path = str(ckpt_dir).rstrip("/")
     try:
-        state = json.loads(state_file.read_text())
+        state = json.loads(_read(fs, f"{path}/{STATE_FILE}"))
+    except (FileNotFoundError, OSError):
+        raise CheckpointError(f"{path}: missing {STATE_FILE}") from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: {STATE_FILE} is corrupted ({error})") from None
     world_size = int(state["world_size"])
     for rank in range(world_size):
-        manifest_file = path / f"manifest.rank{rank}.json"
-        if not manifest_file.exists():
-            raise CheckpointError(f"{path}: missing shard manifest of rank {rank}")
-        manifest = json.loads(manifest_file.read_text())
-        for rel, meta in manifest["files"].items():
-            f = path / rel
-            if not f.exists():
-                raise CheckpointError(f"{path}: rank {rank} file {rel} is missing")
-            if f.stat().st_size != meta["bytes"]:
-                raise CheckpointError(
-                    f"{path}: {rel} has {f.stat().st_size} bytes, manifest says {meta['bytes']}")
-            if _sha256(f) != meta["sha256"]:
-                raise CheckpointError(f"{path}: {rel} checksum mismatch")
-    return VerifiedCheckpoint(path, state)
-
-
-def find_latest_valid(storage_dir: str | Path, log: Any = None) -> VerifiedCheckpoint | None:
-    """Newest checkpoint (by step) under a Ray Train run dir that verifies; skips bad ones."""
-    root = Path(storage_dir)
-    if not root.exists():
-        return None
-    candidates = []
-    for ckpt in root.glob("checkpoint_*"):
         try:
-            step = json.loads((ckpt / STATE_FILE).read_text())["step"]
+            manifest = json.loads(_read(fs, f"{path}/manifest.rank{rank}.json"))
+        except (FileNotFoundError, OSError):
+            raise CheckpointError(f"{path}: missing shard manifest of rank {rank}") from None
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{path}: shard manifest of rank {rank} is corrupted") from None
+        rels = sorted(manifest["files"])
+        infos = fs.get_file_info([f"{path}/{rel}" for rel in rels])
+        for rel, info in zip(rels, infos, strict=True):
+            meta = manifest["files"][rel]
+            if info.type != pafs.FileType.File:
+                raise CheckpointError(f"{path}: rank {rank} file {rel} is missing")
+            if info.size != meta["bytes"]:
+                raise CheckpointError(
+                    f"{path}: {rel} has {info.size} bytes, manifest says {meta['bytes']}")
+            if _fs_sha256(fs, info.path) != meta["sha256"]:
+                raise CheckpointError(f"{path}: {rel} checksum mismatch")
+    return VerifiedCheckpoint(path, state, fs)
+
+
+def _checkpoints_newest_first(fs: Any, run_dir: str) -> list[str]:
+    """`checkpoint_*` dirs of a Ray Train run, newest step first (unreadable state last)."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    candidates = []
+    for info in infos:
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            step = int(json.loads(_read(fs, f"{info.path}/{STATE_FILE}"))["step"])
         except (OSError, ValueError, KeyError):
             step = -1
-        candidates.append((step, ckpt.name, ckpt))
-    for _, _, ckpt in sorted(candidates, reverse=True):
+        candidates.append((step, info.base_name, info.path))
+    return [path for _, _, path in sorted(candidates, reverse=True)]
+
+
+def find_latest_valid(run_dir: str | Path, log: Any = None, fs: Any = None
+                      ) -> VerifiedCheckpoint | None:
+    """Newest checkpoint (by step) under a Ray Train run dir that verifies; skips bad ones."""
+    fs = fs or _local_fs()
+    for ckpt in _checkpoints_newest_first(fs, str(run_dir)):
         try:
-            return verify_checkpoint(ckpt)
+            return verify_checkpoint(ckpt, fs)
         except CheckpointError as error:
             if log is not None:
                 log(f"skipping invalid checkpoint: {error}")
     return None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int, fs: Any = None) -> list[str]:
+    """Keep-N that never deletes the last valid checkpoint: walking newest first, every
+    checkpoint older than the `keep`-th one that verifies is deleted. Newer ones that do not
+    verify stay: an upload still in flight looks exactly like that. Returns deleted paths."""
+    fs = fs or _local_fs()
+    valid, deleted = 0, []
+    for ckpt in _checkpoints_newest_first(fs, str(run_dir)):
+        if valid >= keep:
+            fs.delete_dir(ckpt)
+            deleted.append(ckpt)
+            continue
+        try:
+            verify_checkpoint(ckpt, fs)
+            valid += 1
+        except CheckpointError:
+            pass
+    return deleted
 
 
 MODEL_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",

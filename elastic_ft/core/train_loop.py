@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ def train_worker(config: dict[str, Any]) -> None:
     plan = box[0]
     m, a, g = plan["micro_batch"], plan["grad_accum"], plan["global_batch"]
 
-    checkpoint = newest_checkpoint(cfg, rank, ray.train.get_checkpoint(), controller)
+    checkpoint = newest_checkpoint(cfg, rank, controller)
     state: dict[str, Any] | None = None
     ckpt_dir: Path | None = None
     ckpt_ctx = checkpoint.as_directory() if checkpoint is not None else None
@@ -118,6 +119,8 @@ def train_worker(config: dict[str, Any]) -> None:
         with weights_only_loads():  # DeepSpeed's loader would unpickle: code could run
             engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                    load_lr_scheduler_states=True)
+        if universal:  # a full converted copy of the checkpoint: not left behind in /tmp
+            shutil.rmtree(load_dir, ignore_errors=True)
         step, position = int(state["step"]), DataPosition(**state["position"])
         if rank == 0:
             controller.record.remote("resume", {

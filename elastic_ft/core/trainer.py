@@ -12,11 +12,9 @@ from typing import Any
 import yaml
 
 from elastic_ft.config import RunConfig
-from elastic_ft.core.checkpoint import find_latest_valid
+from elastic_ft.core.checkpoint import RUN_NAME, find_latest_valid, prune_checkpoints, run_storage
 from elastic_ft.core.model import tokenizer_path
 from elastic_ft.events import EventLog, read_events, redact
-
-RUN_NAME = "train"
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:
@@ -116,7 +114,8 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         ).remote(str(out), cfg.train.global_batch, max_micro, cfg.workers.min, cfg.workers.max,
                  resources, cfg.elastic.monitor_interval_s, mem_budget,
                  cfg.elastic.jit_checkpoint_on_join, True, cfg.elastic.restart_wait_s,
-                 cfg.elastic.preemption_urls, cfg.elastic.preemption_poll_s)
+                 cfg.elastic.preemption_urls, cfg.elastic.preemption_poll_s,
+                 storage, cfg.checkpoint.keep)
         ray.get(controller.ping.remote())
         num_workers: int | tuple[int, int] = (
             cfg.workers.min if cfg.workers.min == cfg.workers.max
@@ -131,7 +130,9 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
             run_config=RayRunConfig(
                 name=RUN_NAME, storage_path=storage,
                 failure_config=FailureConfig(max_failures=cfg.workers.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                # keep-N is ours (prune_checkpoints): Ray's would delete the older valid
+                # checkpoints even when the newest one has since been corrupted
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
                 logging_config=LoggingConfig(log_level="WARNING")),
         )
         try:
@@ -144,6 +145,8 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
             except Exception:
                 pass
             ray.kill(controller)
+        fs, run_dir = run_storage(storage)
+        prune_checkpoints(run_dir, cfg.checkpoint.keep, fs)  # the last async upload too
         summary = write_summary(cfg, out, report, time.time() - t0)
         if export:
             from elastic_ft.core.export import export_outputs
@@ -201,7 +204,8 @@ def _wall_tokens_per_s(metrics: list[dict[str, Any]]) -> float:
 
 def _failed_run(error: Exception, cfg: RunConfig, storage: str, events: EventLog) -> RuntimeError:
     """Ray Train gave up (failure budget spent, or a non-retryable error): say what is left."""
-    latest = find_latest_valid(Path(storage) / RUN_NAME) if "://" not in storage else None
+    fs, run_dir = run_storage(storage)
+    latest = find_latest_valid(run_dir, fs=fs)
     restarts = len([e for e in read_events(events.path) if e["event"] == "resume"])
     where = (f"newest valid checkpoint: {latest.path} (step {latest.state['step']})"
              if latest else "no valid checkpoint was written")

@@ -14,33 +14,31 @@ from elastic_ft.core.checkpoint import model_fingerprint, save_rank_checkpoint
 from elastic_ft.data.prepared import DataPosition
 
 
-def newest_checkpoint(cfg: RunConfig, rank: int, registered: Any, controller: Any) -> Any:
-    """The newest checkpoint in storage that verifies, else Ray's registered one.
+def newest_checkpoint(cfg: RunConfig, rank: int, controller: Any) -> Any:
+    """The newest checkpoint in the run's storage that verifies, or None for a fresh start.
 
     Ray Train registers a reported checkpoint only when its controller next polls the
     workers: a just-in-time checkpoint taken right before a node vanishes is fully uploaded
     but may never be registered. And Ray's registered checkpoint may since have been
-    corrupted. So rank 0 verifies what storage holds (local or mounted shared path: manifests,
-    sizes, checksums), skips bad ones with an event, and every rank loads the same one.
+    corrupted. So rank 0 verifies what storage holds (a local or shared path, or a URI such
+    as s3://: manifests, sizes, checksums, read in place), skips bad ones with an event, and
+    every rank loads the same one.
     """
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from elastic_ft.core.checkpoint import find_latest_valid
-    from elastic_ft.core.trainer import RUN_NAME
+    from elastic_ft.core.checkpoint import find_latest_valid, run_storage
 
-    box: list[str | None] = ["<registered>"]
-    storage = cfg.resolved_storage_path()
-    if rank == 0 and "://" not in storage:
+    fs, run_dir = run_storage(cfg.resolved_storage_path())
+    box: list[str | None] = [None]
+    if rank == 0:
         def skipped(message: str) -> None:
             controller.record.remote("checkpoint_invalid", {"error": message})
 
-        latest = find_latest_valid(Path(storage) / RUN_NAME, log=skipped)
-        box[0] = str(latest.path) if latest is not None else None
+        latest = find_latest_valid(run_dir, log=skipped, fs=fs)
+        box[0] = latest.path if latest is not None else None
     dist.broadcast_object_list(box, src=0)
-    if box[0] == "<registered>":
-        return registered
-    return Checkpoint.from_directory(box[0]) if box[0] else None
+    return Checkpoint(box[0], filesystem=fs) if box[0] else None
 
 
 def ray_train_preemption_info(tries: int = 6, interval_s: float = 0.5) -> Any:

@@ -29,7 +29,8 @@ class ElasticController:
                  monitor_interval_s: float = 1.0, mem_budget_bytes: int | None = None,
                  jit_on_resize: bool = True, start_monitors: bool = True,
                  restart_wait_s: float = 45.0, preemption_urls: list[str] | None = None,
-                 preemption_poll_s: float = 2.0) -> None:
+                 preemption_poll_s: float = 2.0, checkpoint_storage: str | None = None,
+                 keep_checkpoints: int | None = None) -> None:
         self.out = Path(output_dir)
         self.events = EventLog(self.out / "events.jsonl")
         self.metrics_path = self.out / "metrics.jsonl"
@@ -47,6 +48,9 @@ class ElasticController:
         self.preemption_urls = list(preemption_urls or [])
         self.preemption_poll_s = preemption_poll_s
         self.noticed: dict[str, int] = {}  # node -> deadline (ms) from a cloud notice
+        self.checkpoint_storage = checkpoint_storage
+        self.keep_checkpoints = keep_checkpoints
+        self._pruning = threading.Lock()
         self.world_size: int | None = None
         self.current_plan: dict[str, Any] | None = None
         self.pending: dict[str, Any] | None = None
@@ -92,6 +96,9 @@ class ElasticController:
     def record(self, event: str, fields: dict[str, Any]) -> None:
         if event == "checkpoint":
             self.last_checkpoint_s = float(fields.get("seconds", 0.0))
+            if self.checkpoint_storage and self.keep_checkpoints:
+                # hashing what is kept takes time: off the workers' path, one prune at a time
+                threading.Thread(target=self._prune, daemon=True).start()
         if event == "end":  # no resize requests for a run that is over
             self.world_size = None
         self.events.emit(event, **fields)
@@ -122,6 +129,20 @@ class ElasticController:
             if checkpoint:
                 self.pending = {"kind": "memory", "restart": True, "reason": reason}
         self.events.emit("replan_memory", max_micro_batch=new_cap, reason=reason)
+
+    def _prune(self) -> None:
+        from elastic_ft.core.checkpoint import prune_checkpoints, run_storage
+
+        with self._pruning:
+            try:
+                fs, run_dir = run_storage(str(self.checkpoint_storage))
+                deleted = prune_checkpoints(run_dir, int(self.keep_checkpoints or 0), fs)
+            except Exception as error:  # storage briefly unreachable: the next prune retries
+                self.events.emit("prune_error", error=repr(error))
+                return
+        if deleted:
+            self.events.emit("checkpoints_pruned", deleted=[d.rsplit("/", 1)[-1]
+                                                            for d in deleted])
 
     # -- cluster picture ---------------------------------------------------------------
     def node_sample(self, sample: dict[str, Any]) -> None:

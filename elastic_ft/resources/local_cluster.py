@@ -35,9 +35,11 @@ class FakeNodeCluster:
         ray.init(address=self.cluster.address, log_to_driver=False,
                  runtime_env=sigterm.RUNTIME_ENV)
 
-    def add_node(self) -> Any:
-        """Main thread only: Ray's node start installs signal handlers."""
-        node = self.cluster.add_node(num_cpus=1, resources={TRAINER_RESOURCE: 1})
+    def add_node(self, env_vars: dict[str, str] | None = None) -> Any:
+        """Main thread only: Ray's node start installs signal handlers. `env_vars` reach
+        every process of that node only (e.g. its own cloud metadata endpoint)."""
+        node = self.cluster.add_node(num_cpus=1, resources={TRAINER_RESOURCE: 1},
+                                     env_vars=env_vars)
         self.cluster.wait_for_nodes()
         if hasattr(self, "nodes"):
             self.nodes.append(node)
@@ -128,7 +130,7 @@ class BackgroundRun:
 
     def registered_checkpoint_steps(self) -> list[int]:
         """Steps of the checkpoints Ray Train has registered (what a restart resumes from)."""
-        from elastic_ft.core.trainer import RUN_NAME
+        from elastic_ft.core.checkpoint import RUN_NAME
 
         snapshot = self.out / "ray_storage" / RUN_NAME / "checkpoint_manager_snapshot.json"
         try:

@@ -5,23 +5,27 @@ then `{"action": "terminate"|"stop", "time": "2026-11-22T18:00:00Z"}` (about 2 m
 IMDSv2 wants a session token from `PUT /latest/api/token` first. GCP: `GET
 /computeMetadata/v1/instance/preempted` with `Metadata-Flavor: Google` answers `FALSE`, then
 `TRUE` about 30 s before the VM stops. URLs are configurable so tests (and proxies) can point
-them anywhere; `aws` and `gcp` name the real ones.
+them anywhere; `aws` and `gcp` name the real ones, as each node's environment resolves them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+AWS_SPOT_PATH = "/latest/meta-data/spot/instance-action"
+GCP_PREEMPTED_PATH = "/computeMetadata/v1/instance/preempted"
 PRESET_URLS = {
-    "aws": "http://169.254.169.254/latest/meta-data/spot/instance-action",
-    "gcp": "http://metadata.google.internal/computeMetadata/v1/instance/preempted",
+    "aws": "http://169.254.169.254" + AWS_SPOT_PATH,
+    "gcp": "http://metadata.google.internal" + GCP_PREEMPTED_PATH,
 }
 GCP_NOTICE_S = 30.0  # GCE stops a preempted VM about 30 s after the flag turns TRUE
 
@@ -37,8 +41,19 @@ class PreemptionNotice:
         return asdict(self)
 
 
-def resolve_urls(urls: list[str]) -> list[str]:
-    return [PRESET_URLS.get(u, u) for u in urls]
+def resolve_urls(urls: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
+    """`aws`/`gcp` -> this node's endpoint; other entries are URLs as given.
+
+    Resolved on the node itself, honouring the overrides the clouds' own SDKs read there:
+    `AWS_EC2_METADATA_SERVICE_ENDPOINT` (boto3; e.g. IPv6-only instances) and
+    `GCE_METADATA_HOST` (google-auth; host[:port])."""
+    env = os.environ if environ is None else environ
+    presets = dict(PRESET_URLS)
+    if env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT"):
+        presets["aws"] = env["AWS_EC2_METADATA_SERVICE_ENDPOINT"].rstrip("/") + AWS_SPOT_PATH
+    if env.get("GCE_METADATA_HOST"):
+        presets["gcp"] = f"http://{env['GCE_METADATA_HOST']}" + GCP_PREEMPTED_PATH
+    return [presets.get(u, u) for u in urls]
 
 
 def _style(url: str) -> str:

@@ -1,8 +1,21 @@
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
-from elastic_ft.core.checkpoint import CheckpointError, check_resumable
+from elastic_ft.core.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    check_resumable,
+    find_latest_valid,
+    prune_checkpoints,
+    run_storage,
+    verify_checkpoint,
+    write_manifest,
+)
 
 TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
         "intermediate_size": 128, "vocab_size": 1000}
@@ -26,3 +39,81 @@ def test_another_models_checkpoint_is_named_not_loaded() -> None:
 def test_another_methods_checkpoint_is_named_not_loaded() -> None:
     with pytest.raises(CheckpointError, match="checkpoint is a full run, the config asks for lora"):
         check_resumable({"method": "full", "model": dict(TINY)}, "lora", dict(TINY), "c")
+
+
+def _checkpoint(run: Path, step: int, world_size: int = 2) -> Path:
+    """A checkpoint as the workers write it: per-rank shard files and manifests, state.json."""
+    ckpt = run / f"checkpoint_{step:08d}_{1000 + step}"
+    for rank in range(world_size):
+        (ckpt / f"rank{rank}" / "ds").mkdir(parents=True)
+        (ckpt / f"rank{rank}" / "ds" / "shard.pt").write_bytes(os.urandom(256))
+    (ckpt / STATE_FILE).write_text(json.dumps({"step": step, "world_size": world_size}))
+    for rank in range(world_size):
+        write_manifest(ckpt, rank)
+    return ckpt
+
+
+def _truncate(ckpt: Path) -> None:
+    shard = ckpt / "rank1" / "ds" / "shard.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+
+
+def _steps(run: Path) -> list[int]:
+    return sorted(json.loads((c / STATE_FILE).read_text())["step"]
+                  for c in run.glob("checkpoint_*"))
+
+
+def test_verify_names_what_is_wrong(tmp_path) -> None:
+    ckpt = _checkpoint(tmp_path, 10)
+    assert verify_checkpoint(ckpt).state["step"] == 10
+    _truncate(ckpt)
+    with pytest.raises(CheckpointError, match="has 100 bytes, manifest says 256"):
+        verify_checkpoint(ckpt)
+    other = _checkpoint(tmp_path, 20)
+    (other / "manifest.rank1.json").unlink()
+    with pytest.raises(CheckpointError, match="missing shard manifest of rank 1"):
+        verify_checkpoint(other)
+
+
+def test_keep_n_deletes_the_oldest(tmp_path) -> None:
+    for step in (10, 20, 30, 40, 50):
+        _checkpoint(tmp_path, step)
+    deleted = prune_checkpoints(tmp_path, keep=2)
+    assert len(deleted) == 3 and _steps(tmp_path) == [40, 50]
+    assert prune_checkpoints(tmp_path, keep=2) == []
+
+
+def test_keep_n_never_deletes_the_last_valid_checkpoint(tmp_path) -> None:
+    """Ray's num_to_keep=1 would keep only step 50, which no longer loads: the run could then
+    only start over. Ours keeps the newest checkpoint that verifies, and the newer bad ones
+    (an upload in flight looks the same) for inspection."""
+    for step in (10, 20, 30, 40, 50):
+        _checkpoint(tmp_path, step)
+    _truncate(tmp_path / "checkpoint_00000050_1050")
+    (tmp_path / "checkpoint_00000040_1040" / "manifest.rank1.json").unlink()  # in flight
+    prune_checkpoints(tmp_path, keep=1)
+    assert _steps(tmp_path) == [30, 40, 50]
+    assert find_latest_valid(tmp_path).state["step"] == 30
+    for step in (60, 70):  # newer valid ones arrive: the bad ones age out like any other
+        _checkpoint(tmp_path, step)
+    prune_checkpoints(tmp_path, keep=1)
+    assert _steps(tmp_path) == [70]
+
+
+def test_verify_find_and_prune_in_place_on_s3(s3_storage, tmp_path) -> None:
+    """The same checks over a pyarrow S3 filesystem (moto's real S3 API on 127.0.0.1)."""
+    import pyarrow.fs as pafs
+
+    for step in (10, 20, 30):
+        _checkpoint(tmp_path / "local", step)
+    _truncate(tmp_path / "local" / "checkpoint_00000030_1030")
+    fs, run_dir = run_storage(s3_storage)
+    assert isinstance(fs, pafs.S3FileSystem) and run_dir.endswith("/runs/train")
+    pafs.copy_files(str(tmp_path / "local"), run_dir, destination_filesystem=fs)
+    skipped: list[str] = []
+    latest = find_latest_valid(run_dir, log=skipped.append, fs=fs)
+    assert latest is not None and latest.state["step"] == 20 and latest.fs is fs
+    assert len(skipped) == 1 and "checkpoint_00000030_1030" in skipped[0]
+    assert "manifest says 256" in skipped[0]
+    deleted = prune_checkpoints(run_dir, keep=1, fs=fs)
+    assert [d.rsplit("/", 1)[-1] for d in deleted] == ["checkpoint_00000010_1010"]

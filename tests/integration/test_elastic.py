@@ -143,3 +143,43 @@ def test_sigterm_to_a_worker_takes_jit_checkpoint_and_loses_no_step(cluster, tin
     assert resume["world_size"] == 1 and resume["step"] == jit["step"]  # no step lost
     assert summary["steps"] == 200
     assert_each_sample_once(out)
+
+
+def test_cloud_metadata_notice_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_assets,
+                                                                      tmp_path):
+    """Chaos scenario 4. One node's own metadata service (AWS IMDSv2, served on 127.0.0.1 and
+    reached through that node's AWS_EC2_METADATA_SERVICE_ENDPOINT, as boto3 would) announces
+    the reclaim; its monitor turns it into a just-in-time checkpoint, then the node goes."""
+    import time
+
+    from tests.metadata_server import FakeMetadata, iso
+
+    metadata = FakeMetadata()
+    cluster.remove_node(cluster.nodes[-1])
+    node = cluster.add_node(env_vars={"AWS_EC2_METADATA_SERVICE_ENDPOINT": metadata.base})
+    out = tmp_path / "metadata"
+    try:
+        run = BackgroundRun(_cfg(tiny_assets, out, **{
+            "train.max_steps": 200, "elastic.preemption_urls": ["aws"],
+            "elastic.preemption_poll_s": 0.5}))
+        run.wait_until(lambda r: len(r.metrics()) >= 5, 180, "5 steps at world size 2")
+        metadata.aws_action = {"action": "terminate", "time": iso(time.time() + 60)}
+        run.wait_until(lambda r: any(e["event"] == "jit_checkpoint" for e in r.events()), 60,
+                       "just-in-time checkpoint after the metadata notice")
+        cluster.remove_node(node)  # reclaimed
+        summary = run.join(300)
+    finally:
+        metadata.close()
+    cluster.add_node()
+
+    events = run.events()
+    notices = _of(events, "preemption_notice")
+    assert {n["node_id"] for n in notices} == {node.node_id}  # the other nodes saw none
+    assert notices[0]["cloud"] == "aws" and notices[0]["deadline_s"] > 0
+    assert "PUT /latest/api/token" in metadata.requests  # IMDSv2, from that node's monitor
+    jit = _of(events, "jit_checkpoint")[0]
+    assert jit["reason"] == "preemption"
+    resume = _of(events, "resume")[0]
+    assert resume["world_size"] == 1 and resume["step"] == jit["step"]  # no step lost
+    assert summary["steps"] == 200
+    assert_each_sample_once(out)

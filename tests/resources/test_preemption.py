@@ -2,63 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from elastic_ft.resources.preemption import check_notice, resolve_urls
-
-AWS_PATH = "/latest/meta-data/spot/instance-action"
-GCP_PATH = "/computeMetadata/v1/instance/preempted"
-
-
-class FakeMetadata:
-    """AWS IMDSv2 (token required) and GCP (Metadata-Flavor header required) endpoints."""
-
-    def __init__(self) -> None:
-        self.aws_action: dict | None = None
-        self.gcp_preempted = False
-        self.requests: list[str] = []
-        state = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def _send(self, code: int, body: str = "") -> None:
-                self.send_response(code)
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-            def do_PUT(self) -> None:
-                state.requests.append(f"PUT {self.path}")
-                ok = self.path == "/latest/api/token" and self.headers.get(
-                    "X-aws-ec2-metadata-token-ttl-seconds")
-                self._send(200, "tok-123") if ok else self._send(400)
-
-            def do_GET(self) -> None:
-                state.requests.append(f"GET {self.path}")
-                if self.path == AWS_PATH:
-                    if self.headers.get("X-aws-ec2-metadata-token") != "tok-123":
-                        return self._send(401)
-                    if state.aws_action is None:
-                        return self._send(404)
-                    return self._send(200, json.dumps(state.aws_action))
-                if self.path == GCP_PATH:
-                    if self.headers.get("Metadata-Flavor") != "Google":
-                        return self._send(403)
-                    return self._send(200, "TRUE" if state.gcp_preempted else "FALSE")
-                self._send(404)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
+from tests.metadata_server import AWS_PATH, GCP_PATH, FakeMetadata, iso
 
 
 @pytest.fixture
@@ -68,15 +17,11 @@ def metadata():
     server.close()
 
 
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
 def test_aws_notice_with_imdsv2_token(metadata) -> None:
     url = metadata.base + AWS_PATH
     assert check_notice(url) is None  # 404: nothing scheduled
     deadline = int(time.time()) + 120
-    metadata.aws_action = {"action": "terminate", "time": _iso(deadline)}
+    metadata.aws_action = {"action": "terminate", "time": iso(deadline)}
     notice = check_notice(url)
     assert notice is not None and notice.kind == "aws" and notice.deadline_s == deadline
     assert "terminate" in notice.detail
@@ -97,7 +42,14 @@ def test_unreachable_or_unknown_endpoints() -> None:
     assert check_notice("http://127.0.0.1:9" + AWS_PATH, timeout_s=0.5) is None
     with pytest.raises(ValueError, match="not an AWS"):
         check_notice("http://127.0.0.1:9/latest/meta-data/other")
-    assert resolve_urls(["aws", "gcp"])[0].startswith("http://169.254.169.254/")
+    assert resolve_urls(["aws", "gcp"], {}) == [
+        "http://169.254.169.254" + AWS_PATH, "http://metadata.google.internal" + GCP_PATH]
+    # the overrides the clouds' SDKs honour, read on the node that polls
+    node_env = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://[fd00:ec2::254]/",
+                "GCE_METADATA_HOST": "127.0.0.1:8080"}
+    assert resolve_urls(["aws", "gcp", "http://x" + AWS_PATH], node_env) == [
+        "http://[fd00:ec2::254]" + AWS_PATH, "http://127.0.0.1:8080" + GCP_PATH,
+        "http://x" + AWS_PATH]
 
 
 @pytest.mark.ray
@@ -116,7 +68,7 @@ def test_monitor_notice_becomes_jit_checkpoint_request(metadata, ray_local, tmp_
     ray.get(controller.record.remote("checkpoint", {"step": 1, "seconds": 200.0}))
     time.sleep(1.0)
     assert ray.get(controller.poll.remote()) is None  # no notice yet
-    metadata.aws_action = {"action": "terminate", "time": _iso(time.time() + 120)}
+    metadata.aws_action = {"action": "terminate", "time": iso(time.time() + 120)}
     request = None
     deadline = time.time() + 15
     while request is None and time.time() < deadline:
