@@ -89,29 +89,44 @@ def test_shrink_then_grow_keeps_global_batch_and_trajectory(cluster, tiny_assets
     assert_each_sample_once(out)
 
 
+def _notice_then_node_goes(cluster, tiny_assets: Path, out: Path, node, notify, what: str,
+                           **overrides) -> tuple[list[dict], dict]:
+    """Two workers train 5 steps; `notify(run)` warns `node`; once the just-in-time checkpoint
+    is taken the node goes, as a spot node does after its notice. A node is added back after
+    the run for the next test."""
+    run = BackgroundRun(_cfg(tiny_assets, out, **overrides))
+    run.wait_until(lambda r: len(r.metrics()) >= 5, 180, "5 steps at world size 2")
+    notify(run)
+    run.wait_until(lambda r: any(e["event"] == "jit_checkpoint" for e in r.events()), 60,
+                   f"just-in-time checkpoint after the {what}")
+    cluster.remove_node(node)
+    summary = run.join(300)
+    cluster.add_node()
+    return run.events(), summary
+
+
+def _assert_no_step_lost(events: list[dict], summary: dict, out: Path, steps: int,
+                         reason: str) -> None:
+    jit = _of(events, "jit_checkpoint")[0]
+    assert jit["reason"] == reason and jit["seconds"] >= 0
+    resume = _of(events, "resume")[0]
+    assert resume["world_size"] == 1 and resume["step"] == jit["step"]  # no step lost
+    assert summary["steps"] == steps
+    assert_each_sample_once(out)
+
+
 def test_preemption_drain_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_assets,
                                                                   tmp_path):
     out = tmp_path / "drain"
-    run = BackgroundRun(_cfg(tiny_assets, out, **{"train.max_steps": 400}))
-    run.wait_until(lambda r: len(r.metrics()) >= 5, 180, "5 steps at world size 2")
     node = cluster.nodes[-1]
-    cluster.drain_node(node, deadline_s=30)
-    run.wait_until(lambda r: any(e["event"] == "jit_checkpoint" for e in r.events()), 60,
-                   "just-in-time checkpoint after the drain notice")
-    cluster.remove_node(node)  # the spot node goes after its notice
-    summary = run.join(300)
-    cluster.add_node()  # back to 2 nodes for the next test
+    events, summary = _notice_then_node_goes(
+        cluster, tiny_assets, out, node, lambda run: cluster.drain_node(node, deadline_s=30),
+        "drain notice", **{"train.max_steps": 400})
 
-    events = run.events()
     draining = _of(events, "node_draining")
     assert draining and draining[0]["deadline_ms"] > 0
-    jit = _of(events, "jit_checkpoint")[0]
-    assert jit["reason"] == "drain" and jit["seconds"] >= 0
     assert _of(events, "preemption_info")  # Ray Train's own view agreed with the controller
-    resume = _of(events, "resume")[0]
-    assert resume["world_size"] == 1 and resume["step"] == jit["step"]  # no step lost
-    assert summary["steps"] == 400
-    assert_each_sample_once(out)
+    _assert_no_step_lost(events, summary, out, 400, "drain")
 
 
 def test_sigterm_to_a_worker_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_assets,
@@ -122,27 +137,19 @@ def test_sigterm_to_a_worker_takes_jit_checkpoint_and_loses_no_step(cluster, tin
     import os
     import signal
 
-    out = tmp_path / "sigterm"
-    run = BackgroundRun(_cfg(tiny_assets, out, **{"train.max_steps": 200}))
-    run.wait_until(lambda r: len(r.metrics()) >= 5, 180, "5 steps at world size 2")
-    start = _of(run.events(), "start")[-1]
-    node = cluster.nodes[-1]
-    os.kill(start["pids"][start["nodes"].index(node.node_id)], signal.SIGTERM)
-    run.wait_until(lambda r: any(e["event"] == "jit_checkpoint" for e in r.events()), 60,
-                   "just-in-time checkpoint after the SIGTERM")
-    cluster.remove_node(node)  # the node goes after its notice
-    summary = run.join(300)
-    cluster.add_node()
+    def sigterm_its_worker(run: BackgroundRun) -> None:
+        start = _of(run.events(), "start")[-1]
+        os.kill(start["pids"][start["nodes"].index(node.node_id)], signal.SIGTERM)
 
-    events = run.events()
+    out = tmp_path / "sigterm"
+    node = cluster.nodes[-1]
+    events, summary = _notice_then_node_goes(cluster, tiny_assets, out, node,
+                                             sigterm_its_worker, "SIGTERM",
+                                             **{"train.max_steps": 200})
+
     notice = _of(events, "preemption_notice")[0]
     assert notice["source"] == "sigterm" and notice["node_id"] == node.node_id
-    jit = _of(events, "jit_checkpoint")[0]
-    assert jit["reason"] == "preemption"
-    resume = _of(events, "resume")[0]
-    assert resume["world_size"] == 1 and resume["step"] == jit["step"]  # no step lost
-    assert summary["steps"] == 200
-    assert_each_sample_once(out)
+    _assert_no_step_lost(events, summary, out, 200, "preemption")
 
 
 def test_cloud_metadata_notice_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_assets,
@@ -154,32 +161,23 @@ def test_cloud_metadata_notice_takes_jit_checkpoint_and_loses_no_step(cluster, t
 
     from tests.metadata_server import FakeMetadata, iso
 
+    def reclaim(run: BackgroundRun) -> None:
+        metadata.aws_action = {"action": "terminate", "time": iso(time.time() + 60)}
+
     metadata = FakeMetadata()
     cluster.remove_node(cluster.nodes[-1])
     node = cluster.add_node(env_vars={"AWS_EC2_METADATA_SERVICE_ENDPOINT": metadata.base})
     out = tmp_path / "metadata"
     try:
-        run = BackgroundRun(_cfg(tiny_assets, out, **{
-            "train.max_steps": 200, "elastic.preemption_urls": ["aws"],
-            "elastic.preemption_poll_s": 0.5}))
-        run.wait_until(lambda r: len(r.metrics()) >= 5, 180, "5 steps at world size 2")
-        metadata.aws_action = {"action": "terminate", "time": iso(time.time() + 60)}
-        run.wait_until(lambda r: any(e["event"] == "jit_checkpoint" for e in r.events()), 60,
-                       "just-in-time checkpoint after the metadata notice")
-        cluster.remove_node(node)  # reclaimed
-        summary = run.join(300)
+        events, summary = _notice_then_node_goes(
+            cluster, tiny_assets, out, node, reclaim, "metadata notice",
+            **{"train.max_steps": 200, "elastic.preemption_urls": ["aws"],
+               "elastic.preemption_poll_s": 0.5})
     finally:
         metadata.close()
-    cluster.add_node()
 
-    events = run.events()
     notices = _of(events, "preemption_notice")
     assert {n["node_id"] for n in notices} == {node.node_id}  # the other nodes saw none
     assert notices[0]["cloud"] == "aws" and notices[0]["deadline_s"] > 0
     assert "PUT /latest/api/token" in metadata.requests  # IMDSv2, from that node's monitor
-    jit = _of(events, "jit_checkpoint")[0]
-    assert jit["reason"] == "preemption"
-    resume = _of(events, "resume")[0]
-    assert resume["world_size"] == 1 and resume["step"] == jit["step"]  # no step lost
-    assert summary["steps"] == 200
-    assert_each_sample_once(out)
+    _assert_no_step_lost(events, summary, out, 200, "preemption")
