@@ -32,30 +32,43 @@ def cluster():
     fake.shutdown()
 
 
+STEPS = 300
+
+
 def _cfg(tiny_assets: Path, out: Path, **overrides):
+    # lr 0.003: at the demo's 0.01 this random tiny model's LoRA training is chaotic (a 1e-5
+    # difference doubles every step after ~80 steps), which would hide nothing but the test
     base = {"model.name_or_path": str(tiny_assets), "output_dir": str(out),
             "workers.min": 1, "workers.max": 2, "workers.resources_per_worker": WORKER_RESOURCES,
             "workers.resize_interval_s": 2, "workers.start_timeout_s": 10,
-            "elastic.monitor_interval_s": 0.5, "train.max_steps": 300,
+            "elastic.monitor_interval_s": 0.5, "train.max_steps": STEPS, "optim.lr": 0.003,
             "checkpoint.every_steps": 40, "train.log_sample_ids": True}
     return load_config(ROOT / "configs" / "tiny-lora-cpu.yaml", {**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tiny_assets, tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of the same run at a fixed 2 workers, undisturbed."""
+    out = tmp_path_factory.mktemp("fixed")
+    BackgroundRun(_cfg(tiny_assets, out, **{"workers.min": 2})).join(300)
+    return losses_by_step(out)
+
+
+def _assert_same_trajectory(out: Path, reference: dict[int, float]) -> None:
+    losses = losses_by_step(out)
+    assert sorted(losses) == sorted(reference) == list(range(1, STEPS + 1))
+    worst = max(abs(losses[s] - reference[s]) for s in reference)
+    assert worst <= LOSS_TOLERANCE, f"disturbed run drifted {worst:.2e} from the fixed run"
 
 
 def _of(events: list[dict], name: str) -> list[dict]:
     return [e for e in events if e["event"] == name]
 
 
-def test_shrink_then_grow_keeps_global_batch_and_trajectory(cluster, tiny_assets, tmp_path):
-    fixed_out = tmp_path / "fixed"
-    # lr 0.003: at the demo's 0.01 this random tiny model's LoRA training is chaotic (a 1e-5
-    # difference doubles every step after ~80 steps), which would hide nothing but the test
-    stable = {"optim.lr": 0.003}
-    fixed = BackgroundRun(_cfg(tiny_assets, fixed_out, **{"workers.min": 2}, **stable))
-    fixed.join(300)
-    reference = losses_by_step(fixed_out)
-
+def test_shrink_then_grow_keeps_global_batch_and_trajectory(cluster, tiny_assets, reference,
+                                                           tmp_path):
     out = tmp_path / "elastic"
-    run = BackgroundRun(_cfg(tiny_assets, out, **stable))
+    run = BackgroundRun(_cfg(tiny_assets, out))
     run.wait_until(lambda r: bool(r.registered_checkpoint_steps()), 180,
                    "a checkpoint registered at world size 2")
     cluster.remove_node()
@@ -80,12 +93,8 @@ def test_shrink_then_grow_keeps_global_batch_and_trajectory(cluster, tiny_assets
     jit = _of(events, "jit_checkpoint")
     assert jit and jit[-1]["reason"] == "resize"
     assert resumes[1]["step"] == jit[-1]["step"]
-    assert summary["steps"] == 300 and summary["world_size"] == 2
-
-    losses = losses_by_step(out)
-    assert sorted(losses) == sorted(reference) == list(range(1, 301))
-    worst = max(abs(losses[s] - reference[s]) for s in reference)
-    assert worst <= LOSS_TOLERANCE, f"resized run drifted {worst:.2e} from the fixed run"
+    assert summary["steps"] == STEPS and summary["world_size"] == 2
+    _assert_same_trajectory(out, reference)
     assert_each_sample_once(out)
 
 
@@ -105,32 +114,33 @@ def _notice_then_node_goes(cluster, tiny_assets: Path, out: Path, node, notify, 
     return run.events(), summary
 
 
-def _assert_no_step_lost(events: list[dict], summary: dict, out: Path, steps: int,
-                         reason: str) -> None:
+def _assert_no_step_lost(events: list[dict], summary: dict, out: Path,
+                         reference: dict[int, float], reason: str) -> None:
     jit = _of(events, "jit_checkpoint")[0]
     assert jit["reason"] == reason and jit["seconds"] >= 0
     resume = _of(events, "resume")[0]
     assert resume["world_size"] == 1 and resume["step"] == jit["step"]  # no step lost
-    assert summary["steps"] == steps
+    assert summary["steps"] == STEPS
+    _assert_same_trajectory(out, reference)
     assert_each_sample_once(out)
 
 
 def test_preemption_drain_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_assets,
-                                                                  tmp_path):
+                                                                  reference, tmp_path):
     out = tmp_path / "drain"
     node = cluster.nodes[-1]
     events, summary = _notice_then_node_goes(
         cluster, tiny_assets, out, node, lambda run: cluster.drain_node(node, deadline_s=30),
-        "drain notice", **{"train.max_steps": 400})
+        "drain notice")
 
     draining = _of(events, "node_draining")
     assert draining and draining[0]["deadline_ms"] > 0
     assert _of(events, "preemption_info")  # Ray Train's own view agreed with the controller
-    _assert_no_step_lost(events, summary, out, 400, "drain")
+    _assert_no_step_lost(events, summary, out, reference, "drain")
 
 
 def test_sigterm_to_a_worker_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_assets,
-                                                                     tmp_path):
+                                                                     reference, tmp_path):
     """A spot node's shutdown reaches the worker as SIGTERM: the worker keeps running to the
     next step boundary, a just-in-time checkpoint is taken, and when the node then goes the
     run resumes from that step."""
@@ -144,16 +154,15 @@ def test_sigterm_to_a_worker_takes_jit_checkpoint_and_loses_no_step(cluster, tin
     out = tmp_path / "sigterm"
     node = cluster.nodes[-1]
     events, summary = _notice_then_node_goes(cluster, tiny_assets, out, node,
-                                             sigterm_its_worker, "SIGTERM",
-                                             **{"train.max_steps": 200})
+                                             sigterm_its_worker, "SIGTERM")
 
     notice = _of(events, "preemption_notice")[0]
     assert notice["source"] == "sigterm" and notice["node_id"] == node.node_id
-    _assert_no_step_lost(events, summary, out, 200, "preemption")
+    _assert_no_step_lost(events, summary, out, reference, "preemption")
 
 
 def test_cloud_metadata_notice_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_assets,
-                                                                      tmp_path):
+                                                                      reference, tmp_path):
     """Chaos scenario 4. One node's own metadata service (AWS IMDSv2, served on 127.0.0.1 and
     reached through that node's AWS_EC2_METADATA_SERVICE_ENDPOINT, as boto3 would) announces
     the reclaim; its monitor turns it into a just-in-time checkpoint, then the node goes."""
@@ -171,8 +180,7 @@ def test_cloud_metadata_notice_takes_jit_checkpoint_and_loses_no_step(cluster, t
     try:
         events, summary = _notice_then_node_goes(
             cluster, tiny_assets, out, node, reclaim, "metadata notice",
-            **{"train.max_steps": 200, "elastic.preemption_urls": ["aws"],
-               "elastic.preemption_poll_s": 0.5})
+            **{"elastic.preemption_urls": ["aws"], "elastic.preemption_poll_s": 0.5})
     finally:
         metadata.close()
 
@@ -180,4 +188,4 @@ def test_cloud_metadata_notice_takes_jit_checkpoint_and_loses_no_step(cluster, t
     assert {n["node_id"] for n in notices} == {node.node_id}  # the other nodes saw none
     assert notices[0]["cloud"] == "aws" and notices[0]["deadline_s"] > 0
     assert "PUT /latest/api/token" in metadata.requests  # IMDSv2, from that node's monitor
-    _assert_no_step_lost(events, summary, out, 200, "preemption")
+    _assert_no_step_lost(events, summary, out, reference, "preemption")
