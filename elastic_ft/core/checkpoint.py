@@ -61,7 +61,7 @@ def storage_fs(storage: str) -> tuple[Any, str]:
     import pyarrow.fs as pafs
 
     if "://" not in storage:
-        return pafs.LocalFileSystem(), str(Path(storage).resolve())
+        return _local_fs(), str(Path(storage).resolve())
     return pafs.FileSystem.from_uri(storage)
 
 
@@ -108,7 +108,7 @@ def verify_checkpoint(ckpt_dir: str | Path, fs: Any = None) -> VerifiedCheckpoin
     path = str(ckpt_dir).rstrip("/")
     try:
         state = json.loads(_read(fs, f"{path}/{STATE_FILE}"))
-    except (FileNotFoundError, OSError):
+    except OSError:
         raise CheckpointError(f"{path}: missing {STATE_FILE}") from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: {STATE_FILE} is corrupted ({error})") from None
@@ -116,7 +116,7 @@ def verify_checkpoint(ckpt_dir: str | Path, fs: Any = None) -> VerifiedCheckpoin
     for rank in range(world_size):
         try:
             manifest = json.loads(_read(fs, f"{path}/manifest.rank{rank}.json"))
-        except (FileNotFoundError, OSError):
+        except OSError:
             raise CheckpointError(f"{path}: missing shard manifest of rank {rank}") from None
         except json.JSONDecodeError:
             raise CheckpointError(f"{path}: shard manifest of rank {rank} is corrupted") from None

@@ -145,8 +145,11 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
             except Exception:
                 pass
             ray.kill(controller)
-        fs, run_dir = run_storage(storage)
-        prune_checkpoints(run_dir, cfg.checkpoint.keep, fs)  # the last async upload too
+        try:  # the last async upload too; a finished run does not fail over a prune
+            fs, run_dir = run_storage(storage)
+            prune_checkpoints(run_dir, cfg.checkpoint.keep, fs)
+        except OSError as error:
+            events.emit("prune_error", error=repr(error))
         summary = write_summary(cfg, out, report, time.time() - t0)
         if export:
             from elastic_ft.core.export import export_outputs
