@@ -70,12 +70,17 @@ class ElasticController:
     def plan(self, world_size: int, worker_node_ids: list[str] | None = None) -> dict[str, Any]:
         with self._lock:
             previous = self.world_size
+            missed = self.pending
             plan = plan_batches(self.global_batch, world_size, self.max_micro_batch)
             self.world_size = world_size
             self.worker_nodes = set(worker_node_ids or [])
             self.pending = None
             self.resize_hold_until = 0.0
             self.current_plan = plan.to_dict()
+        if missed is not None:
+            # Ray Train restarted the group before the workers took the requested checkpoint
+            # (it can see a joining node first): the steps since the last checkpoint are lost
+            self.events.emit("jit_checkpoint_missed", **missed)
         if previous is not None and previous != world_size:
             self.events.emit("resize", **{"from": previous, "to": world_size})
         self.events.emit("plan", **self.current_plan)
