@@ -95,8 +95,8 @@ def test_shrink_then_grow_keeps_global_batch_and_trajectory(cluster, tiny_assets
         assert jit and jit[-1]["reason"] == "resize"
         assert resumes[1]["step"] == jit[-1]["step"]
     else:
-        # ...unless Ray Train saw the new node first and restarted at once (a race, about one
-        # join in twenty here: issue 4). Then the loss is named, and the grow resumes from the
+        # ...unless Ray Train saw the new node first and restarted at once (a race, seen once
+        # in about ten joins: issue 4). Then the loss is named, and the grow resumes from the
         # newest checkpoint, like plain Ray Train.
         assert not [j for j in jit if j["reason"] == "resize"]
         saved = [e["step"] for e in _of(events, "checkpoint") if e["t"] < resumes[1]["t"]]
