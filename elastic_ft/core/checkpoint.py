@@ -134,8 +134,18 @@ def verify_checkpoint(ckpt_dir: str | Path, fs: Any = None) -> VerifiedCheckpoin
     return VerifiedCheckpoint(path, state, fs)
 
 
+CHECKPOINT_NAME_RE = re.compile(r"checkpoint_(\d+)_(\d+)$")
+
+
+def checkpoint_dir_name(step: int, saved_at_s: float) -> str:
+    """Unique per save (a step redone after a rollback must not reuse a registered name),
+    and orderable from the name alone, before its state.json has arrived."""
+    return f"checkpoint_{step:08d}_{int(saved_at_s * 1000):d}"
+
+
 def _checkpoints_newest_first(fs: Any, run_dir: str) -> list[str]:
-    """`checkpoint_*` dirs of a Ray Train run, newest step first (unreadable state last)."""
+    """`checkpoint_*` dirs of a Ray Train run, newest first: by the step and save time in the
+    name, so an upload still in flight sorts where it belongs. Other names sort oldest."""
     import pyarrow.fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
@@ -143,11 +153,9 @@ def _checkpoints_newest_first(fs: Any, run_dir: str) -> list[str]:
     for info in infos:
         if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
-        try:
-            step = int(json.loads(_read(fs, f"{info.path}/{STATE_FILE}"))["step"])
-        except (OSError, ValueError, KeyError):
-            step = -1
-        candidates.append((step, info.base_name, info.path))
+        named = CHECKPOINT_NAME_RE.match(info.base_name)
+        key = (int(named[1]), int(named[2])) if named else (-1, 0)
+        candidates.append((key, info.base_name, info.path))
     return [path for _, _, path in sorted(candidates, reverse=True)]
 
 

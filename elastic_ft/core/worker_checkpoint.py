@@ -10,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from elastic_ft.config import RunConfig
-from elastic_ft.core.checkpoint import model_fingerprint, save_rank_checkpoint
+from elastic_ft.core.checkpoint import (
+    checkpoint_dir_name,
+    model_fingerprint,
+    save_rank_checkpoint,
+)
 from elastic_ft.data.prepared import DataPosition
 
 
@@ -77,8 +81,7 @@ def save_and_report(engine: Any, cfg: RunConfig, metrics: dict[str, Any], step: 
     t_saved = time.time()
     ray.train.report(dict(metrics, checkpoint_step=step),
                      checkpoint=Checkpoint.from_directory(tmp),
-                     # a step redone after a rollback must not reuse a registered name
-                     checkpoint_dir_name=f"checkpoint_{step:08d}_{int(t0 * 1000):d}",
+                     checkpoint_dir_name=checkpoint_dir_name(step, t0),
                      checkpoint_upload_mode=CheckpointUploadMode.SYNC if sync
                      else CheckpointUploadMode.ASYNC,
                      delete_local_checkpoint_after_upload=True)

@@ -10,6 +10,7 @@ from elastic_ft.core.checkpoint import (
     STATE_FILE,
     CheckpointError,
     check_resumable,
+    checkpoint_dir_name,
     find_latest_valid,
     prune_checkpoints,
     run_storage,
@@ -43,7 +44,7 @@ def test_another_methods_checkpoint_is_named_not_loaded() -> None:
 
 def _checkpoint(run: Path, step: int, world_size: int = 2) -> Path:
     """A checkpoint as the workers write it: per-rank shard files and manifests, state.json."""
-    ckpt = run / f"checkpoint_{step:08d}_{1000 + step}"
+    ckpt = run / checkpoint_dir_name(step, 1 + step / 1000)  # checkpoint_000000SS_1SSS
     for rank in range(world_size):
         (ckpt / f"rank{rank}" / "ds").mkdir(parents=True)
         (ckpt / f"rank{rank}" / "ds" / "shard.pt").write_bytes(os.urandom(256))
@@ -98,6 +99,19 @@ def test_keep_n_never_deletes_the_last_valid_checkpoint(tmp_path) -> None:
         _checkpoint(tmp_path, step)
     prune_checkpoints(tmp_path, keep=1)
     assert _steps(tmp_path) == [70]
+
+
+def test_prune_keeps_an_upload_in_flight(tmp_path) -> None:
+    """An upload still in flight may not have its state.json yet: it is ordered by its name,
+    so it is the newest, and kept."""
+    for step in (10, 20):
+        _checkpoint(tmp_path, step)
+    in_flight = tmp_path / checkpoint_dir_name(30, 1.03) / "rank0" / "ds"
+    in_flight.mkdir(parents=True)
+    (in_flight / "shard.pt").write_bytes(os.urandom(64))
+    deleted = prune_checkpoints(tmp_path, keep=1)
+    assert [Path(d).name for d in deleted] == ["checkpoint_00000010_1010"]
+    assert in_flight.exists()
 
 
 def test_verify_find_and_prune_in_place_on_s3(s3_storage, tmp_path) -> None:
