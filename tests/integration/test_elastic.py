@@ -112,9 +112,13 @@ def _notice_then_node_goes(cluster, tiny_assets: Path, out: Path, node, notify, 
     is taken the node goes, as a spot node does after its notice. A node is added back after
     the run for the next test."""
     run = BackgroundRun(_cfg(tiny_assets, out, **overrides))
-    run.wait_until(lambda r: len(r.metrics()) >= 5, 180, "5 steps at world size 2")
+    # a node added just before may join the run only after it started (a grow: its own
+    # just-in-time checkpoint), so wait for world size 2 and for a checkpoint after the notice
+    run.wait_until(lambda r: sum(m["world_size"] == 2 for m in r.metrics()) >= 5, 180,
+                   "5 steps at world size 2")
+    before = len(_of(run.events(), "jit_checkpoint"))
     notify(run)
-    run.wait_until(lambda r: any(e["event"] == "jit_checkpoint" for e in r.events()), 60,
+    run.wait_until(lambda r: len(_of(r.events(), "jit_checkpoint")) > before, 60,
                    f"just-in-time checkpoint after the {what}")
     cluster.remove_node(node)
     summary = run.join(300)
@@ -124,9 +128,9 @@ def _notice_then_node_goes(cluster, tiny_assets: Path, out: Path, node, notify, 
 
 def _assert_no_step_lost(events: list[dict], summary: dict, out: Path,
                          reference: dict[int, float], reason: str) -> None:
-    jit = _of(events, "jit_checkpoint")[0]
+    jit = _of(events, "jit_checkpoint")[-1]  # the notice's, taken at world size 2
     assert jit["reason"] == reason and jit["seconds"] >= 0
-    resume = _of(events, "resume")[0]
+    resume = [r for r in _of(events, "resume") if r["t"] > jit["t"]][0]
     assert resume["world_size"] == 1 and resume["step"] == jit["step"]  # no step lost
     assert summary["steps"] == STEPS
     _assert_same_trajectory(out, reference)
