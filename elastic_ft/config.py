@@ -139,8 +139,10 @@ class CheckpointConfig(_Section):
 class ElasticConfig(_Section):
     monitor_interval_s: float = Field(default=1.0, gt=0)
     jit_checkpoint_on_join: bool = True
-    # Ray Data's autoscaling coordinator, which Ray Train's elastic policy asks for resources,
-    # refreshes every 20 s: a grow can take that long to start after the checkpoint.
+    # how long Ray Train's resize waits for the workers' just-in-time checkpoint: a step plus
+    # a save; after it the group restarts from the newest checkpoint (a jit_checkpoint_timeout)
+    jit_checkpoint_timeout_s: float = Field(default=120.0, gt=0)
+    # after a drain's checkpoint the workers idle this long for Ray Train's restart
     restart_wait_s: float = Field(default=45.0, gt=0)
     preemption_urls: list[str] = Field(
         default_factory=list,

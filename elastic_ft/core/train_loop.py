@@ -217,16 +217,13 @@ def train_worker(config: dict[str, Any]) -> None:
 
         periodic = step % cfg.checkpoint.every_steps == 0 or step == total_steps
         if periodic or request is not None:
-            t_ckpt = time.time()
             if rank == 0 and request is not None:
                 controller.record.remote("jit_checkpoint_started", {
                     "step": step, "reason": request["kind"]})
-            # A just-in-time checkpoint must be registered before the group restarts: sync.
+            # A just-in-time checkpoint must be in storage before the group restarts: sync.
             sync = request is not None or cfg.checkpoint.upload == "sync"
             save_and_report(engine, cfg, metrics, step, position, world, rank, plan, controller,
-                             sync)
-            if rank == 0 and request is not None:
-                controller.ack.remote(step, request["kind"], time.time() - t_ckpt)
+                            sync, jit_kind=request["kind"] if request is not None else None)
             if request is not None and request.get("restart") and step < total_steps:
                 wait_for_restart(cfg, request)
         # No ray.train.report() on other steps: in Ray Train V2 every report is a barrier

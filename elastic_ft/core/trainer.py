@@ -76,6 +76,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     from elastic_ft.core.train_loop import train_worker
     from elastic_ft.data.pipeline import prepare_data
     from elastic_ft.resources.controller import CONTROLLER_NAME, ElasticController
+    from elastic_ft.resources.restart_gate import CheckpointBeforeResize
 
     t0 = time.time()
     cfg = cfg.with_absolute_paths()
@@ -120,6 +121,9 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         num_workers: int | tuple[int, int] = (
             cfg.workers.min if cfg.workers.min == cfg.workers.max
             else (cfg.workers.min, cfg.workers.max))
+        # a grow's restart waits for the workers' just-in-time checkpoint (restart_gate.py)
+        gate = ([CheckpointBeforeResize(controller, cfg.elastic.jit_checkpoint_timeout_s)]
+                if isinstance(num_workers, tuple) and cfg.elastic.jit_checkpoint_on_join else [])
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"run": cfg.to_dict(), "controller": controller,
@@ -132,7 +136,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
                 failure_config=FailureConfig(max_failures=cfg.workers.max_failures),
                 # keep-N is ours (prune_checkpoints): Ray's would delete the older valid
                 # checkpoints even when the newest one has since been corrupted
-                checkpoint_config=CheckpointConfig(num_to_keep=None),
+                checkpoint_config=CheckpointConfig(num_to_keep=None), callbacks=gate,
                 logging_config=LoggingConfig(log_level="WARNING")),
         )
         try:

@@ -63,11 +63,14 @@ def ray_train_preemption_info(tries: int = 6, interval_s: float = 0.5) -> Any:
 
 def save_and_report(engine: Any, cfg: RunConfig, metrics: dict[str, Any], step: int,
                      position: DataPosition, world: int, rank: int, plan: dict[str, Any],
-                     controller: Any, sync: bool) -> None:
+                     controller: Any, sync: bool, jit_kind: str | None = None) -> None:
     """Save this rank's shard locally, then hand it to Ray Train (which merges the ranks).
 
     Async: `report` returns once the local save is done and Ray uploads in the background
-    (deleting the local copy after); sync: it returns when the checkpoint is registered.
+    (deleting the local copy after); sync: it returns after the upload. Either way each rank
+    tells the controller once its part is in storage: a just-in-time checkpoint counts as
+    taken when every rank's is, not when Ray Train registers it (a resizing Ray Train
+    controller waits for it and registers nothing meanwhile).
     """
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
@@ -79,11 +82,19 @@ def save_and_report(engine: Any, cfg: RunConfig, metrics: dict[str, Any], step: 
     tmp = tempfile.mkdtemp(prefix="eft_ckpt_")
     save_rank_checkpoint(engine, Path(tmp), rank, state if rank == 0 else None)
     t_saved = time.time()
+
+    def upload_then_tell(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
+        storage = ray.train.get_context().get_storage()
+        persisted = storage.persist_current_checkpoint(checkpoint, dir_name)
+        controller.uploaded.remote(step, rank, world, jit_kind, t0)
+        return persisted
+
     ray.train.report(dict(metrics, checkpoint_step=step),
                      checkpoint=Checkpoint.from_directory(tmp),
                      checkpoint_dir_name=checkpoint_dir_name(step, t0),
                      checkpoint_upload_mode=CheckpointUploadMode.SYNC if sync
                      else CheckpointUploadMode.ASYNC,
+                     checkpoint_upload_fn=upload_then_tell,
                      delete_local_checkpoint_after_upload=True)
     if rank == 0:
         controller.record.remote("checkpoint", {
@@ -95,8 +106,9 @@ def save_and_report(engine: Any, cfg: RunConfig, metrics: dict[str, Any], step: 
 def wait_for_restart(cfg: RunConfig, request: dict[str, Any]) -> None:
     """After a just-in-time checkpoint for a resize, idle until Ray Train restarts the group.
 
-    Steps trained now would be lost at the restart; if it never comes (the new node did not
-    fit a worker after all), training simply continues.
+    Steps trained now would be lost at the restart. A grow's restart follows at once (Ray
+    Train waited for this checkpoint); a drain's when the node goes; if it never comes,
+    training simply continues.
     """
     if request.get("kind") == "memory":
         raise RuntimeError("elastic_ft: re-planning micro-batch after memory pressure")

@@ -2,9 +2,10 @@
 
 It moves messages only; the decisions are the pure functions in `policy.py`. Workers call
 `plan()` on every (re)start, `poll()` once per step (non-blocking on their side), `metrics()`
-after each step. A background thread watches nodes (joins, losses, drains), keeps one
-`ResourceMonitor` on each node, and raises a just-in-time checkpoint request before Ray Train
-restarts the worker group at a new size.
+after each step, `uploaded()` when a rank's checkpoint is in storage. A background thread
+watches nodes (joins, losses, drains) and keeps one `ResourceMonitor` on each node: a drain
+raises a just-in-time checkpoint request; a join has Ray re-read the cluster at once, and Ray
+Train's restart then waits in `checkpoint_before_restart` for the checkpoint (restart_gate.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from elastic_ft.events import EventLog
 from elastic_ft.resources.policy import memory_pressure, plan_batches, resize_decision
+from elastic_ft.resources.restart_gate import refresh_ray_reservations
 
 CONTROLLER_NAME = "elastic_ft_controller"
 NAMESPACE = "elastic_ft"
@@ -54,6 +56,11 @@ class ElasticController:
         self.world_size: int | None = None
         self.current_plan: dict[str, Any] | None = None
         self.pending: dict[str, Any] | None = None
+        self.uploads: dict[int, set[int]] = {}  # step -> ranks whose part is in storage
+        self.saved_step = -1  # newest checkpoint complete in storage
+        self.trained_step: int | None = None  # newest step of the current group
+        self.jit_done = threading.Event()
+        self.refreshed_for: tuple[int, int] | None = None
         self.peaks: deque[int] = deque(maxlen=50)
         self.history: deque[dict[str, Any]] = deque(maxlen=200)
         self.node_samples: dict[str, dict[str, Any]] = {}
@@ -76,6 +83,8 @@ class ElasticController:
             self.worker_nodes = set(worker_node_ids or [])
             self.pending = None
             self.resize_hold_until = 0.0
+            self.trained_step = None
+            self.refreshed_for = None
             self.current_plan = plan.to_dict()
         if missed is not None:
             # Ray Train restarted the group before the workers took the requested checkpoint
@@ -91,12 +100,46 @@ class ElasticController:
         with self._lock:
             return self.pending
 
-    def ack(self, step: int, kind: str, seconds: float) -> None:
+    def uploaded(self, step: int, rank: int, world_size: int, jit_kind: str | None,
+                 started_s: float) -> None:
+        """One rank's part of a checkpoint is in storage; complete once every rank's is."""
         with self._lock:
+            ranks = self.uploads.setdefault(step, set())
+            ranks.add(rank)
+            if len(ranks) < world_size:
+                return
+            del self.uploads[step]
+            self.saved_step = max(self.saved_step, step)
+            if jit_kind is None:
+                return
             self.pending = None
-            if kind in ("resize", "drain", "preemption"):
+            if jit_kind in ("resize", "drain", "preemption"):
                 self.resize_hold_until = time.time() + self.restart_wait_s
-        self.events.emit("jit_checkpoint", step=step, reason=kind, seconds=round(seconds, 3))
+            self.jit_done.set()
+        self.events.emit("jit_checkpoint", step=step, reason=jit_kind,
+                         seconds=round(time.time() - started_s, 3))
+
+    def checkpoint_before_restart(self, to_workers: int, timeout_s: float) -> dict[str, Any]:
+        """Called from Ray Train's controller once it has decided to resize the live group:
+        returns when the workers' just-in-time checkpoint is in storage (or after timeout_s),
+        and Ray Train then shuts the group down. Nothing to wait for when the group has
+        trained no step since the newest complete checkpoint (still loading, or done)."""
+        with self._lock:
+            trained, saved, world = self.trained_step, self.saved_step, self.world_size
+            if not self.jit_on_resize or world is None or trained is None or trained <= saved:
+                return {"checkpoint": False, "trained_step": trained, "saved_step": saved}
+            self.jit_done.clear()
+            if self.pending is None:
+                self.pending = {"kind": "resize", "restart": True,
+                                "reason": f"Ray Train resizes the group {world} -> {to_workers}"}
+            pending = dict(self.pending)
+        self.events.emit("jit_checkpoint_requested", kind=pending["kind"],
+                         reason=pending["reason"])
+        t0 = time.time()
+        done = self.jit_done.wait(timeout_s)
+        if not done:
+            self.events.emit("jit_checkpoint_timeout", timeout_s=timeout_s, **pending)
+        return {"checkpoint": done, "waited_s": round(time.time() - t0, 3)}
 
     def record(self, event: str, fields: dict[str, Any]) -> None:
         if event == "checkpoint":
@@ -112,6 +155,7 @@ class ElasticController:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.history.append(record)
+        self.trained_step = int(record["step"])
         peak = record.get("train_mem_bytes", record.get("peak_mem_bytes"))
         if peak and self.mem_budget_bytes and self.current_plan:
             self.peaks.append(int(peak))
@@ -201,20 +245,22 @@ class ElasticController:
             if node_id not in self.draining:
                 self.events.emit("node_draining", node_id=node_id, deadline_ms=deadline_ms)
         self.draining = {**draining, **{n: d for n, d in self.noticed.items() if n in alive}}
-        if (initial or self.world_size is None or not self.jit_on_resize or self.pending
+        if (initial or self.world_size is None or self.pending
                 or time.time() < self.resize_hold_until):
             return
         hosting_nodes = set(self.draining) & getattr(self, "worker_nodes", set())
         decision = resize_decision(self.world_size, self._placeable_workers(), self.min_workers,
                                    self.max_workers, draining_workers=len(hosting_nodes))
-        if not decision.checkpoint_now:
+        if decision.refresh_reservations and self.refreshed_for != (
+                self.world_size, decision.target_world_size):
+            self.refreshed_for = (self.world_size, decision.target_world_size)
+            self.events.emit("reservations_refreshed", reason=decision.reason,
+                             done=refresh_ray_reservations())
+        if not decision.checkpoint_now or not self.jit_on_resize:
             return
-        if hosting_nodes:
-            self._warn_if_deadline_too_short(hosting_nodes)
-            kind = "preemption" if hosting_nodes & set(self.noticed) else "drain"
-            self.request_checkpoint(kind, restart=True, reason=decision.reason)
-        else:
-            self.request_checkpoint("resize", restart=True, reason=decision.reason)
+        self._warn_if_deadline_too_short(hosting_nodes)
+        kind = "preemption" if hosting_nodes & set(self.noticed) else "drain"
+        self.request_checkpoint(kind, restart=True, reason=decision.reason)
 
     def _warn_if_deadline_too_short(self, nodes: set[str]) -> None:
         deadlines_ms = [self.draining[n] for n in nodes if self.draining[n] > 0]

@@ -95,19 +95,24 @@ class ResizeDecision:
     checkpoint_now: bool
     target_world_size: int
     reason: str
+    # a grow: have Ray re-read the cluster now; Ray Train's restart then waits for the
+    # checkpoint itself (restart_gate.CheckpointBeforeResize)
+    refresh_reservations: bool = False
 
 
 def resize_decision(current_world_size: int, placeable_workers: int, min_workers: int,
                     max_workers: int, draining_workers: int = 0) -> ResizeDecision:
-    """Take a just-in-time checkpoint before Ray Train restarts the group at a new size.
+    """What a change in the cluster asks of the controller before Ray Train resizes the group.
 
     `placeable_workers` is how many more workers the cluster's free resources could start now;
-    `draining_workers` how many of the current ones sit on nodes being drained.
+    `draining_workers` how many of the current ones sit on nodes being drained. A drain is
+    checkpointed now (the node may go before Ray Train acts); a grow only needs Ray to look.
     """
     target = min(max_workers, current_world_size + placeable_workers) - draining_workers
     target = max(min_workers, min(max_workers, target))
     if draining_workers:
         return ResizeDecision(True, target, f"{draining_workers} worker(s) on draining node(s)")
     if target > current_world_size:
-        return ResizeDecision(True, target, f"room for {target - current_world_size} more worker(s)")
+        return ResizeDecision(False, target, f"room for {target - current_world_size} more "
+                              "worker(s)", refresh_reservations=True)
     return ResizeDecision(False, current_world_size, "steady")

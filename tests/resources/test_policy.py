@@ -43,8 +43,14 @@ def test_memory_pressure_projects_growth() -> None:
 
 
 def test_resize_decisions() -> None:
-    assert resize_decision(1, 1, 1, 2).checkpoint_now  # a node joined with room for a worker
-    assert resize_decision(1, 1, 1, 2).target_world_size == 2
-    assert not resize_decision(2, 3, 1, 2).checkpoint_now  # already at max
+    # a node joined with room for a worker: Ray is told to look now; the checkpoint is taken
+    # when Ray Train's restart asks for it (the restart gate), not yet
+    grow = resize_decision(1, 1, 1, 2)
+    assert grow.refresh_reservations and not grow.checkpoint_now
+    assert grow.target_world_size == 2
+    assert resize_decision(1, 5, 1, 4).target_world_size == 4
+    steady = resize_decision(2, 3, 1, 2)  # already at max
+    assert not steady.checkpoint_now and not steady.refresh_reservations
     drained = resize_decision(2, 0, 1, 2, draining_workers=1)
     assert drained.checkpoint_now and drained.target_world_size == 1
+    assert not drained.refresh_reservations
