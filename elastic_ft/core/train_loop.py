@@ -31,6 +31,7 @@ from elastic_ft.core.worker_checkpoint import (
     wait_for_restart,
 )
 from elastic_ft.data.prepared import DataPosition, PreparedData, rank_slots
+from elastic_ft.data.shards import SHARD
 
 
 def peak_mem_bytes() -> int:
@@ -81,7 +82,9 @@ def train_worker(config: dict[str, Any]) -> None:
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     controller = config["controller"]
     torch.manual_seed(cfg.train.seed)
-    data = PreparedData(ray.get(config["blocks_ref"]))
+    # the schedule's index of the blocks (trainable tokens, sample ids); the tokens themselves
+    # come through Ray Train's dataset shard (data/shards.py)
+    data = PreparedData(ray.get(config["index_ref"]))
     total_steps: int = config["total_steps"]
 
     node_ids = [None] * world
@@ -135,6 +138,13 @@ def train_worker(config: dict[str, Any]) -> None:
                                            "pids": pids, "nodes": node_ids,
                                            "trainable_params": trainable, "total_params": total})
 
+    if rank == 0:  # before the shard call, which has Ray Train cut the shards along it
+        ray.get(controller.set_data_schedule.remote({
+            "position": position.to_dict(), "steps": total_steps - step, "world_size": world,
+            "micro_batch": m, "grad_accum": a, "global_batch": g, "seed": cfg.train.seed,
+            "shuffle": cfg.data.shuffle}))
+    micro_batches = ray.train.get_dataset_shard(SHARD).iter_batches(
+        batch_size=m, batch_format="numpy", prefetch_batches=a)
     device = engine.device
     pending_poll = controller.poll.remote() if rank == 0 else None
     t_start, tokens_done, t_last = time.time(), 0, time.time()
@@ -148,7 +158,12 @@ def train_worker(config: dict[str, Any]) -> None:
         t_data = 0.0
         for slot in rank_slots(indices, world, rank, m, a):
             t_d = time.time()
-            batch = {k: v.to(device) for k, v in data.batch(slot).items()}
+            micro = next(micro_batches)
+            if micro["slot"].tolist() != slot:  # a stream out of order would train silently
+                raise RuntimeError(f"elastic_ft: rank {rank} step {step + 1} got blocks "
+                                   f"{micro['slot'].tolist()}, schedule says {slot}")
+            batch = {k: torch.from_numpy(micro[k]).to(device)
+                     for k in ("input_ids", "labels", "position_ids")}
             t_data += time.time() - t_d
             real_tokens += int((batch["labels"] != -100).sum())
             try:

@@ -75,6 +75,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     from elastic_ft.core.optimizer import resolve_max_micro_batch
     from elastic_ft.core.train_loop import train_worker
     from elastic_ft.data.pipeline import prepare_data
+    from elastic_ft.data.shards import SHARD, ScheduledShards
     from elastic_ft.resources.controller import CONTROLLER_NAME, ElasticController
     from elastic_ft.resources.restart_gate import CheckpointBeforeResize
 
@@ -127,7 +128,10 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"run": cfg.to_dict(), "controller": controller,
-                               "blocks_ref": ray.put(prepared.table), "total_steps": total_steps},
+                               "index_ref": ray.put(prepared.table.select(
+                                   ["n_trainable", "sample_ids"])), "total_steps": total_steps},
+            datasets={SHARD: ray.data.from_arrow(prepared.table)},
+            dataset_config=ScheduledShards(controller),
             scaling_config=ScalingConfig(
                 num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                 elastic_resize_monitor_interval_s=cfg.workers.resize_interval_s),

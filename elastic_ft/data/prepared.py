@@ -46,11 +46,45 @@ def write_blocks(blocks: list[Block], out_dir: Path) -> PreparedData:
     return PreparedData(table)
 
 
+def epoch_order(n_blocks: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    order = list(range(n_blocks))
+    if shuffle:
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+def next_global_batch(order: list[int], position: DataPosition,
+                      global_batch: int) -> tuple[list[int], DataPosition]:
+    chosen = order[position.consumed: position.consumed + global_batch]
+    consumed = position.consumed + len(chosen)
+    after = DataPosition(position.epoch + 1, 0) if consumed >= len(order) else DataPosition(
+        position.epoch, consumed)
+    return chosen, after
+
+
+def rank_stream(n_blocks: int, position: DataPosition, steps: int, global_batch: int, seed: int,
+                shuffle: bool, world_size: int, rank: int, micro_batch: int,
+                grad_accum: int) -> list[int]:
+    """Every block slot this rank trains in the next `steps` steps, in order: its
+    micro-batches of each global batch, back to back (PAD_SLOT where a batch runs short)."""
+    slots: list[int] = []
+    order, epoch = [], -1
+    for _ in range(steps):
+        if position.epoch != epoch:
+            order, epoch = epoch_order(n_blocks, position.epoch, seed, shuffle), position.epoch
+        chosen, position = next_global_batch(order, position, global_batch)
+        for micro in rank_slots(chosen, world_size, rank, micro_batch, grad_accum):
+            slots.extend(micro)
+    return slots
+
+
 class PreparedData:
     def __init__(self, table: pa.Table) -> None:
         self.table = table
         self._trainable = table.column("n_trainable").to_pylist()
-        self.seq_len = len(table.column("input_ids")[0]) if len(table) else 0
+        # a table of n_trainable and sample_ids only is the schedule's index of the blocks
+        self.seq_len = (len(table.column("input_ids")[0])
+                        if len(table) and "input_ids" in table.column_names else 0)
         self._order_cache: dict[tuple[int, int, bool], list[int]] = {}
 
     @classmethod
@@ -65,10 +99,7 @@ class PreparedData:
         """Seeded order of one epoch; built once per epoch, not on every step."""
         key = (epoch, seed, shuffle)
         if key not in self._order_cache:
-            order = list(range(len(self)))
-            if shuffle:
-                random.Random(seed * 100_003 + epoch).shuffle(order)
-            self._order_cache = {key: order}
+            self._order_cache = {key: epoch_order(len(self), epoch, seed, shuffle)}
         return self._order_cache[key]
 
     def steps_per_epoch(self, global_batch: int) -> int:
@@ -77,12 +108,8 @@ class PreparedData:
     def global_batch(self, position: DataPosition, global_batch: int, seed: int,
                      shuffle: bool) -> tuple[list[int], DataPosition]:
         """Block indices of the next global batch, and the position after it."""
-        order = self.epoch_order(position.epoch, seed, shuffle)
-        chosen = order[position.consumed: position.consumed + global_batch]
-        consumed = position.consumed + len(chosen)
-        after = DataPosition(position.epoch + 1, 0) if consumed >= len(order) else DataPosition(
-            position.epoch, consumed)
-        return chosen, after
+        return next_global_batch(self.epoch_order(position.epoch, seed, shuffle), position,
+                                 global_batch)
 
     def trainable_tokens(self, indices: list[int]) -> int:
         return sum(self._trainable[i] for i in indices if i != PAD_SLOT)

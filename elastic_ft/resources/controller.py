@@ -95,6 +95,13 @@ class ElasticController:
         self.events.emit("plan", **self.current_plan)
         return self.current_plan
 
+    def set_data_schedule(self, schedule: dict[str, Any]) -> None:
+        """Rank 0, after resuming: where this group's data starts (data/shards.py reads it)."""
+        self.schedule = schedule
+
+    def data_schedule(self) -> dict[str, Any] | None:
+        return getattr(self, "schedule", None)
+
     def poll(self) -> dict[str, Any] | None:
         """A pending request for the workers: checkpoint now, and whether a restart follows."""
         with self._lock:
