@@ -143,8 +143,8 @@ def train_worker(config: dict[str, Any]) -> None:
             "position": position.to_dict(), "steps": total_steps - step, "world_size": world,
             "micro_batch": m, "grad_accum": a, "global_batch": g, "seed": cfg.train.seed,
             "shuffle": cfg.data.shuffle}))
-    micro_batches = ray.train.get_dataset_shard(SHARD).iter_batches(
-        batch_size=m, batch_format="numpy", prefetch_batches=a)
+    micro_batches = iter(ray.train.get_dataset_shard(SHARD).iter_batches(
+        batch_size=m, batch_format="numpy", prefetch_batches=a))
     device = engine.device
     pending_poll = controller.poll.remote() if rank == 0 else None
     t_start, tokens_done, t_last = time.time(), 0, time.time()

@@ -61,7 +61,7 @@ def rank_dataset(refs: list[Any], n_blocks: int, schedule: dict[str, Any], rank:
         gather_blocks, batch_format="numpy", batch_size=None, fn_kwargs={"refs": refs},
         # a copy of blocks the node already holds: no CPU reservation, which on a small box
         # could starve it behind the training workers (Ray Data's 2-core deadlock)
-        num_cpus=0, concurrency=2)
+        num_cpus=0, concurrency=min(2, len(chunks)))
     ds.context.execution_options.preserve_order = True  # the schedule's order, not arrival's
     return ds
 
