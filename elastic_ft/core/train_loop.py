@@ -31,7 +31,7 @@ from elastic_ft.core.worker_checkpoint import (
     wait_for_restart,
 )
 from elastic_ft.data.prepared import DataPosition, PreparedData, rank_slots
-from elastic_ft.data.shards import SHARD
+from elastic_ft.data.shards import SHARD, ShardReader
 
 
 def peak_mem_bytes() -> int:
@@ -107,6 +107,18 @@ def train_worker(config: dict[str, Any]) -> None:
 
         state = json.loads((ckpt_dir / "state.json").read_text())
     universal = state is not None and needs_universal(state, world)
+    # The data starts where the checkpoint does. Ray Data starts the rank's stream at its first
+    # micro-batch: an executor and a task, ~3.5 s of the first step on 2 cores. Fetching it in
+    # the background while the model loads was slower still: both want the same cores.
+    t_shard = time.time()
+    if rank == 0:  # before the shard call, which has Ray Train cut the shards along it
+        ray.get(controller.set_data_schedule.remote({
+            "position": state["position"] if state else DataPosition().to_dict(),
+            "steps": total_steps - (int(state["step"]) if state else 0), "world_size": world,
+            "micro_batch": m, "grad_accum": a, "global_batch": g, "seed": cfg.train.seed,
+            "shuffle": cfg.data.shuffle}))
+    micro_batches = ShardReader(ray.train.get_dataset_shard(SHARD), m, prefetch_batches=a)
+    shard_open_s = time.time() - t_shard
 
     from elastic_ft.core.model import trainable_parameters
 
@@ -136,15 +148,9 @@ def train_worker(config: dict[str, Any]) -> None:
         trainable, total = trainable_parameters(engine.module)
         controller.record.remote("start", {"world_size": world, "step": step, "plan": plan,
                                            "pids": pids, "nodes": node_ids,
+                                           "shard_open_s": round(shard_open_s, 3),
                                            "trainable_params": trainable, "total_params": total})
 
-    if rank == 0:  # before the shard call, which has Ray Train cut the shards along it
-        ray.get(controller.set_data_schedule.remote({
-            "position": position.to_dict(), "steps": total_steps - step, "world_size": world,
-            "micro_batch": m, "grad_accum": a, "global_batch": g, "seed": cfg.train.seed,
-            "shuffle": cfg.data.shuffle}))
-    micro_batches = iter(ray.train.get_dataset_shard(SHARD).iter_batches(
-        batch_size=m, batch_format="numpy", prefetch_batches=a))
     device = engine.device
     pending_poll = controller.poll.remote() if rank == 0 else None
     t_start, tokens_done, t_last = time.time(), 0, time.time()
@@ -158,11 +164,11 @@ def train_worker(config: dict[str, Any]) -> None:
         t_data = 0.0
         for slot in rank_slots(indices, world, rank, m, a):
             t_d = time.time()
-            micro = next(micro_batches)
+            micro = micro_batches.next()
             if micro["slot"].tolist() != slot:  # a stream out of order would train silently
                 raise RuntimeError(f"elastic_ft: rank {rank} step {step + 1} got blocks "
                                    f"{micro['slot'].tolist()}, schedule says {slot}")
-            batch = {k: torch.from_numpy(micro[k]).to(device)
+            batch = {k: torch.tensor(micro[k], device=device)  # a copy: Ray's arrays are read-only
                      for k in ("input_ids", "labels", "position_ids")}
             t_data += time.time() - t_d
             real_tokens += int((batch["labels"] != -100).sum())

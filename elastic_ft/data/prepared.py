@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from elastic_ft.data.pack import Block
 
 BLOCKS_FILE = "blocks.arrow"
 PAD_SLOT = -1  # fills a short last batch; an all-masked block that trains nothing
+_TABLES: dict[str, pa.Table] = {}  # per process: the prepared blocks, fetched once
 
 
 @dataclass(frozen=True)
@@ -151,3 +153,30 @@ def rank_slots(global_indices: list[int], world_size: int, rank: int, micro_batc
         padded[(j * world_size + rank) * micro_batch: (j * world_size + rank + 1) * micro_batch]
         for j in range(grad_accum)
     ]
+
+
+def gather_blocks(batch: dict[str, np.ndarray], refs: list[Any]) -> dict[str, np.ndarray]:
+    """The blocks at these slots, in order; PAD_SLOT gives an all-masked block.
+
+    Ray Data runs this in the tasks that feed the workers' shards (data/shards.py): it lives
+    here, in a module that imports no more than pyarrow, so a fresh task worker starts fast.
+    """
+    import ray
+
+    key = ",".join(r.hex() for r in refs)
+    if key not in _TABLES:
+        _TABLES.clear()
+        _TABLES[key] = pa.concat_tables(ray.get(list(refs)))
+    table = _TABLES[key]
+    slots = np.concatenate([np.asarray(c, dtype=np.int64) for c in batch["slots"]])
+    real = slots != PAD_SLOT
+    rows = table.take(pa.array(slots[real]))
+    seq_len = len(table.column("input_ids")[0]) if len(table) else 0
+    out = {"slot": slots,
+           "input_ids": np.zeros((len(slots), seq_len), dtype=np.int64),
+           "labels": np.full((len(slots), seq_len), -100, dtype=np.int64),
+           "position_ids": np.tile(np.arange(seq_len, dtype=np.int64), (len(slots), 1))}
+    for name in ("input_ids", "labels", "position_ids"):
+        column = rows.column(name).combine_chunks()
+        out[name][real] = column.flatten().to_numpy().reshape(len(rows), seq_len)
+    return out

@@ -17,14 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from ray.train import DataConfig
 
-from elastic_ft.data.prepared import PAD_SLOT, DataPosition, rank_stream
+from elastic_ft.data.prepared import DataPosition, gather_blocks, rank_stream
 
 SHARD = "train"
 STEPS_PER_BLOCK = 16  # one gather task feeds this many steps of one rank
-_TABLES: dict[str, pa.Table] = {}  # per process: the prepared blocks, fetched once
 
 
 class ScheduledShards(DataConfig):
@@ -35,7 +33,11 @@ class ScheduledShards(DataConfig):
     def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
                   worker_node_ids: Any, **kwargs: Any) -> list[dict[str, Any]]:
         import ray
+        from ray.util.debug import log_once
 
+        # Ray Data warns once that a job "will hang" while no CPU is free (the training
+        # workers hold them): not so here, nothing below reserves a CPU
+        log_once("cpu_warning")
         schedule = ray.get(self.controller.data_schedule.remote())
         if schedule is None or schedule["world_size"] != world_size:
             raise RuntimeError(f"elastic_ft: no data schedule for a group of {world_size} "
@@ -55,35 +57,29 @@ def rank_dataset(refs: list[Any], n_blocks: int, schedule: dict[str, Any], rank:
                         schedule["world_size"], rank, schedule["micro_batch"],
                         schedule["grad_accum"])
     per_block = STEPS_PER_BLOCK * schedule["micro_batch"] * schedule["grad_accum"]
-    chunks = [np.asarray(slots[i:i + per_block], dtype=np.int64)
-              for i in range(0, len(slots), per_block)] or [np.zeros(0, dtype=np.int64)]
-    ds = ray.data.from_numpy(chunks).map_batches(
+    chunks = [{"slots": np.asarray(slots[i:i + per_block], dtype=np.int64)}
+              for i in range(0, len(slots), per_block)] or [
+                  {"slots": np.zeros(0, dtype=np.int64)}]
+    # from_items builds its blocks here; from_numpy would run a task per block, which waits
+    # forever for a CPU once the training workers hold them all (this runs at group start)
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
         gather_blocks, batch_format="numpy", batch_size=None, fn_kwargs={"refs": refs},
-        # a copy of blocks the node already holds: no CPU reservation, which on a small box
-        # could starve it behind the training workers (Ray Data's 2-core deadlock)
-        num_cpus=0, concurrency=min(2, len(chunks)))
+        # a copy of blocks the node already holds: no CPU reservation, for the same reason
+        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(2, len(chunks))))
     ds.context.execution_options.preserve_order = True  # the schedule's order, not arrival's
     return ds
 
 
-def gather_blocks(batch: dict[str, np.ndarray], refs: list[Any]) -> dict[str, np.ndarray]:
-    """The blocks at these slots, in order; PAD_SLOT gives an all-masked block."""
-    import ray
+class ShardReader:
+    """This rank's micro-batches, in order, from its shard of the schedule."""
 
-    key = ",".join(r.hex() for r in refs)
-    if key not in _TABLES:
-        _TABLES.clear()
-        _TABLES[key] = pa.concat_tables(ray.get(list(refs)))
-    table = _TABLES[key]
-    slots = batch["data"]
-    real = slots != PAD_SLOT
-    rows = table.take(pa.array(slots[real]))
-    seq_len = len(table.column("input_ids")[0]) if len(table) else 0
-    out = {"slot": slots,
-           "input_ids": np.zeros((len(slots), seq_len), dtype=np.int64),
-           "labels": np.full((len(slots), seq_len), -100, dtype=np.int64),
-           "position_ids": np.tile(np.arange(seq_len, dtype=np.int64), (len(slots), 1))}
-    for name in ("input_ids", "labels", "position_ids"):
-        column = rows.column(name).combine_chunks()
-        out[name][real] = column.flatten().to_numpy().reshape(len(rows), seq_len)
-    return out
+    def __init__(self, shard: Any, micro_batch: int, prefetch_batches: int) -> None:
+        self._batches = iter(shard.iter_batches(batch_size=micro_batch, batch_format="numpy",
+                                                prefetch_batches=prefetch_batches))
+
+    def next(self) -> dict[str, np.ndarray]:
+        batch = next(self._batches, None)
+        if batch is None:
+            raise RuntimeError("elastic_ft: the data shard ended before the schedule did")
+        return batch
+
