@@ -9,6 +9,7 @@ no sample repeated or skipped, and the position is two integers in the checkpoin
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -155,8 +156,10 @@ def rank_slots(global_indices: list[int], world_size: int, rank: int, micro_batc
     ]
 
 
-def gather_blocks(batch: dict[str, np.ndarray], refs: list[Any]) -> dict[str, np.ndarray]:
-    """The blocks at these slots, in order; PAD_SLOT gives an all-masked block.
+def gather_blocks(batch: dict[str, np.ndarray], refs: list[Any],
+                  rows_per_output: int) -> Iterator[dict[str, np.ndarray]]:
+    """The blocks at these slots, in order, `rows_per_output` at a time; PAD_SLOT gives an
+    all-masked block.
 
     Ray Data runs this in the tasks that feed the workers' shards (data/shards.py): it lives
     here, in a module that imports no more than pyarrow, so a fresh task worker starts fast.
@@ -168,15 +171,17 @@ def gather_blocks(batch: dict[str, np.ndarray], refs: list[Any]) -> dict[str, np
         _TABLES.clear()
         _TABLES[key] = pa.concat_tables(ray.get(list(refs)))
     table = _TABLES[key]
-    slots = np.concatenate([np.asarray(c, dtype=np.int64) for c in batch["slots"]])
-    real = slots != PAD_SLOT
-    rows = table.take(pa.array(slots[real]))
     seq_len = len(table.column("input_ids")[0]) if len(table) else 0
-    out = {"slot": slots,
-           "input_ids": np.zeros((len(slots), seq_len), dtype=np.int64),
-           "labels": np.full((len(slots), seq_len), -100, dtype=np.int64),
-           "position_ids": np.tile(np.arange(seq_len, dtype=np.int64), (len(slots), 1))}
-    for name in ("input_ids", "labels", "position_ids"):
-        column = rows.column(name).combine_chunks()
-        out[name][real] = column.flatten().to_numpy().reshape(len(rows), seq_len)
-    return out
+    all_slots = np.concatenate([np.asarray(c, dtype=np.int64) for c in batch["slots"]])
+    for start in range(0, len(all_slots), max(1, rows_per_output)):
+        slots = all_slots[start:start + max(1, rows_per_output)]
+        real = slots != PAD_SLOT
+        rows = table.take(pa.array(slots[real]))
+        out = {"slot": slots,
+               "input_ids": np.zeros((len(slots), seq_len), dtype=np.int64),
+               "labels": np.full((len(slots), seq_len), -100, dtype=np.int64),
+               "position_ids": np.tile(np.arange(seq_len, dtype=np.int64), (len(slots), 1))}
+        for name in ("input_ids", "labels", "position_ids"):
+            column = rows.column(name).combine_chunks()
+            out[name][real] = column.flatten().to_numpy().reshape(len(rows), seq_len)
+        yield out

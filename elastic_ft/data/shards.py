@@ -22,7 +22,8 @@ from ray.train import DataConfig
 from elastic_ft.data.prepared import DataPosition, gather_blocks, rank_stream
 
 SHARD = "train"
-STEPS_PER_BLOCK = 16  # one gather task feeds this many steps of one rank
+STEPS_PER_BLOCK = 16  # one output block of a gather task: this many steps of one rank
+MAX_ITEMS = 16  # gather tasks per rank and group start, at most
 
 
 class ScheduledShards(DataConfig):
@@ -49,21 +50,26 @@ class ScheduledShards(DataConfig):
                 for rank in range(world_size)]
 
 
-def rank_dataset(refs: list[Any], n_blocks: int, schedule: dict[str, Any], rank: int) -> Any:
+def rank_dataset(refs: list[Any], n_blocks: int, schedule: dict[str, Any], rank: int,
+                 max_items: int = MAX_ITEMS) -> Any:
     import ray
 
     slots = rank_stream(n_blocks, DataPosition(**schedule["position"]), schedule["steps"],
                         schedule["global_batch"], schedule["seed"], schedule["shuffle"],
                         schedule["world_size"], rank, schedule["micro_batch"],
                         schedule["grad_accum"])
-    per_block = STEPS_PER_BLOCK * schedule["micro_batch"] * schedule["grad_accum"]
-    chunks = [{"slots": np.asarray(slots[i:i + per_block], dtype=np.int64)}
-              for i in range(0, len(slots), per_block)] or [
+    per_step = schedule["micro_batch"] * schedule["grad_accum"]
+    # At most MAX_ITEMS items, whatever the run's length (a 100k-step run made 6250 blocks
+    # here and took 16 s per group start); each task yields STEPS_PER_BLOCK steps at a time.
+    per_item = per_step * max(STEPS_PER_BLOCK, -(-schedule["steps"] // max_items))
+    chunks = [{"slots": np.asarray(slots[i:i + per_item], dtype=np.int64)}
+              for i in range(0, len(slots), per_item)] or [
                   {"slots": np.zeros(0, dtype=np.int64)}]
     # from_items builds its blocks here; from_numpy would run a task per block, which waits
     # forever for a CPU once the training workers hold them all (this runs at group start)
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
-        gather_blocks, batch_format="numpy", batch_size=None, fn_kwargs={"refs": refs},
+        gather_blocks, batch_format="numpy", batch_size=1,
+        fn_kwargs={"refs": refs, "rows_per_output": STEPS_PER_BLOCK * per_step},
         # a copy of blocks the node already holds: no CPU reservation, for the same reason
         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(2, len(chunks))))
     ds.context.execution_options.preserve_order = True  # the schedule's order, not arrival's

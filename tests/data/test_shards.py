@@ -101,3 +101,23 @@ def _schedule_slots(data: PreparedData, position: DataPosition, steps: int, glob
         indices, position = data.global_batch(position, global_batch, seed=5, shuffle=True)
         out.extend(rank_slots(indices, world, rank, micro, accum))
     return out
+
+
+@pytest.mark.ray
+def test_a_long_run_is_few_tasks_each_yielding_in_order(ray_local, tmp_path):
+    """100 steps into 2 items: each gather task yields its 50 steps 16 at a time, in order."""
+    from elastic_ft.data.shards import rank_dataset
+
+    data = _prepared(tmp_path)
+    world, micro, accum, global_batch, steps = 2, 1, 2, 4, 100
+    start = DataPosition(epoch=0, consumed=3)
+    schedule = {"position": start.to_dict(), "steps": steps, "world_size": world,
+                "micro_batch": micro, "grad_accum": accum, "global_batch": global_batch,
+                "seed": 5, "shuffle": True}
+    blocks = ray_local.data.from_arrow(data.table)
+    for rank in range(world):
+        ds = rank_dataset(blocks.to_arrow_refs(), len(data), schedule, rank, max_items=2)
+        got = [b["slot"].tolist()
+               for b in ds.iterator().iter_batches(batch_size=micro, batch_format="numpy")]
+        assert got == _schedule_slots(data, start, steps, global_batch, world, rank, micro,
+                                      accum)

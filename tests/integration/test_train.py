@@ -147,21 +147,23 @@ def test_micro_batch_auto_probes_and_trains(tmp_path, tiny_assets, ray_local) ->
     assert summary["steps"] == 3 and summary["final_loss"] > 0
 
 
-def test_full_finetune_resumes_at_another_world_size_with_optimizer_state(
-        tmp_path, tiny_assets, ray_local) -> None:
-    """ZeRO-1 and ZeRO-3, 2 workers -> checkpoint -> 1 worker: the universal checkpoint carries
-    the Adam moments, so the resumed steps match an uninterrupted 2-worker run (ZeRO stages
-    give the same losses; a fresh optimizer would not)."""
+@pytest.mark.parametrize(("method", "stages"), [("full", (1, 2, 3)), ("lora", (1, 3))])
+def test_resumes_at_another_world_size_with_optimizer_state(
+        method, stages, tmp_path, tiny_assets, ray_local) -> None:
+    """Full fine-tuning at ZeRO-1/2/3 and LoRA at ZeRO-1/3 (LoRA ZeRO-2: the test above and
+    test_elastic.py), 2 workers -> checkpoint -> 1 worker: the universal checkpoint carries the
+    Adam moments, so the resumed steps match an uninterrupted 2-worker run (ZeRO stages give
+    the same losses; a fresh optimizer would not)."""
     from elastic_ft.core.trainer import run_training
 
-    settings = {"method.kind": "full", "optim.lr": 0.003, "optim.schedule": "constant",
+    settings = {"method.kind": method, "optim.lr": 0.003, "optim.schedule": "constant",
                 "optim.warmup_steps": 0, "train.global_batch": 4, "train.micro_batch": 1,
                 "checkpoint.every_steps": 4}
     reference = tmp_path / "reference"
     run_training(_cfg(tiny_assets, reference, **settings, **{
         "train.max_steps": 6, "deepspeed.zero_stage": 1}), export=False)
     expected = _metrics(reference)
-    for zero_stage in (1, 3):
+    for zero_stage in stages:
         out = tmp_path / f"zero{zero_stage}"
         stage = {**settings, "deepspeed.zero_stage": zero_stage}
         run_training(_cfg(tiny_assets, out, **stage, **{"train.max_steps": 4}), export=False)
@@ -174,4 +176,4 @@ def test_full_finetune_resumes_at_another_world_size_with_optimizer_state(
         for step in (5, 6):
             assert resumed[step]["world_size"] == 1
             assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-4), (
-                zero_stage, step)
+                method, zero_stage, step)
