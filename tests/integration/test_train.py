@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,14 @@ def test_micro_batch_auto_probes_and_trains(tmp_path, tiny_assets, ray_local) ->
     assert summary["steps"] == 3 and summary["final_loss"] > 0
 
 
-@pytest.mark.parametrize(("method", "stages"), [("full", (1, 2, 3)), ("lora", (1, 3))])
+# CI runs the cells whose conversion differs (ZeRO-1 vs ZeRO-3 layouts, LoRA's frozen base
+# under ZeRO-3); ELASTIC_FT_ALL_ZERO_CELLS=1 adds full ZeRO-2 and LoRA ZeRO-1 (~1.5 min more on
+# 2 cores; both passed on 2026-11-23). LoRA ZeRO-2: the test above and test_elastic.py.
+_ALL_CELLS = os.environ.get("ELASTIC_FT_ALL_ZERO_CELLS") == "1"
+
+
+@pytest.mark.parametrize(("method", "stages"), [("full", (1, 2, 3) if _ALL_CELLS else (1, 3)),
+                                                ("lora", (1, 3) if _ALL_CELLS else (3,))])
 def test_resumes_at_another_world_size_with_optimizer_state(
         method, stages, tmp_path, tiny_assets, ray_local) -> None:
     """Full fine-tuning at ZeRO-1/2/3 and LoRA at ZeRO-1/3 (LoRA ZeRO-2: the test above and
