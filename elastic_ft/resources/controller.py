@@ -61,6 +61,7 @@ class ElasticController:
         self.trained_step: int | None = None  # newest step of the current group
         self.jit_done = threading.Event()
         self.refreshed_for: tuple[int, int] | None = None
+        self.schedule: dict[str, Any] | None = None  # the group's data start (data/shards.py)
         self.peaks: deque[int] = deque(maxlen=50)
         self.history: deque[dict[str, Any]] = deque(maxlen=200)
         self.node_samples: dict[str, dict[str, Any]] = {}
@@ -85,6 +86,7 @@ class ElasticController:
             self.resize_hold_until = 0.0
             self.trained_step = None
             self.refreshed_for = None
+            self.uploads.clear()  # an old group's partial uploads must not count for this one
             self.current_plan = plan.to_dict()
         if missed is not None:
             # Ray Train restarted the group before the workers took the requested checkpoint
@@ -100,7 +102,7 @@ class ElasticController:
         self.schedule = schedule
 
     def data_schedule(self) -> dict[str, Any] | None:
-        return getattr(self, "schedule", None)
+        return self.schedule
 
     def poll(self) -> dict[str, Any] | None:
         """A pending request for the workers: checkpoint now, and whether a restart follows."""
