@@ -125,24 +125,23 @@ class PreparedData:
         """Tensors (b, seq_len) for these blocks; PAD_SLOT gives a fully masked block."""
         import torch
 
-        real = [i for i in indices if i != PAD_SLOT]
-        rows = self.table.take(real).to_pydict() if real else {}
-        it = {k: iter(v) for k, v in rows.items()}
-        ids, labels, pos = [], [], []
-        for i in indices:
-            if i == PAD_SLOT:
-                ids.append([0] * self.seq_len)
-                labels.append([-100] * self.seq_len)
-                pos.append(list(range(self.seq_len)))
-            else:
-                ids.append(next(it["input_ids"]))
-                labels.append(next(it["labels"]))
-                pos.append(next(it["position_ids"]))
-        return {
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "position_ids": torch.tensor(pos, dtype=torch.long),
-        }
+        arrays = take_blocks(self.table, np.asarray(indices, dtype=np.int64))
+        return {name: torch.from_numpy(array) for name, array in arrays.items()}
+
+
+def take_blocks(table: pa.Table, slots: np.ndarray) -> dict[str, np.ndarray]:
+    """input_ids / labels / position_ids (len(slots), seq_len) of these blocks, in order;
+    PAD_SLOT gives an all-masked block."""
+    seq_len = len(table.column("input_ids")[0]) if len(table) else 0
+    real = slots != PAD_SLOT
+    rows = table.take(pa.array(slots[real]))
+    out = {"input_ids": np.zeros((len(slots), seq_len), dtype=np.int64),
+           "labels": np.full((len(slots), seq_len), -100, dtype=np.int64),
+           "position_ids": np.tile(np.arange(seq_len, dtype=np.int64), (len(slots), 1))}
+    for name, array in out.items():
+        column = rows.column(name).combine_chunks()
+        array[real] = column.flatten().to_numpy().reshape(len(rows), seq_len)
+    return out
 
 
 def rank_slots(global_indices: list[int], world_size: int, rank: int, micro_batch: int,
@@ -171,17 +170,8 @@ def gather_blocks(batch: dict[str, np.ndarray], refs: list[Any],
         _TABLES.clear()
         _TABLES[key] = pa.concat_tables(ray.get(list(refs)))
     table = _TABLES[key]
-    seq_len = len(table.column("input_ids")[0]) if len(table) else 0
     all_slots = np.concatenate([np.asarray(c, dtype=np.int64) for c in batch["slots"]])
-    for start in range(0, len(all_slots), max(1, rows_per_output)):
-        slots = all_slots[start:start + max(1, rows_per_output)]
-        real = slots != PAD_SLOT
-        rows = table.take(pa.array(slots[real]))
-        out = {"slot": slots,
-               "input_ids": np.zeros((len(slots), seq_len), dtype=np.int64),
-               "labels": np.full((len(slots), seq_len), -100, dtype=np.int64),
-               "position_ids": np.tile(np.arange(seq_len, dtype=np.int64), (len(slots), 1))}
-        for name in ("input_ids", "labels", "position_ids"):
-            column = rows.column(name).combine_chunks()
-            out[name][real] = column.flatten().to_numpy().reshape(len(rows), seq_len)
-        yield out
+    step = max(1, rows_per_output)
+    for start in range(0, len(all_slots), step):
+        slots = all_slots[start:start + step]
+        yield {"slot": slots, **take_blocks(table, slots)}
