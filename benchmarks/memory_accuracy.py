@@ -1,9 +1,11 @@
 """Predicted vs measured peak memory per worker, and the probe against the largest real fit.
 
 Part 1 (accuracy): every cell runs the real worker path - `load_model` + `build_engine`
-(DeepSpeed ZeRO 0-3, world size 1) - for two steps at (micro_batch, seq_len) in a fresh process
+(DeepSpeed ZeRO 0-3, world size 1; on CPU also ZeRO 1-3 over `--world` gloo ranks) - for two steps at (micro_batch, seq_len) in a fresh process
 (`elastic_ft.core.probe.measure_candidate`, the probe's own measurement), and compares the peak
-with `estimate_memory`. GPU: `torch.cuda.max_memory_allocated`, bf16. CPU: peak RSS growth, fp32.
+with `estimate_memory`. GPU: `torch.cuda.max_memory_allocated`. CPU: the peak of live CPU tensor
+bytes (`CpuAllocatedPeak`, the same quantity), RSS growth alongside. bf16 on both, so DeepSpeed
+takes the same optimizer paths as on a GPU.
 
 Part 2 (probe, GPU only): for each (method, budget), the probe's pick against the largest
 micro-batch that really trains when the process is held to the budget by
@@ -11,6 +13,10 @@ micro-batch that really trains when the process is held to the budget by
 
     python benchmarks/memory_accuracy.py --model assets/tiny/model --model assets/medium/model
 Writes benchmarks/results/<hardware>/memory_accuracy.json and .md.
+
+    python benchmarks/memory_accuracy.py --rescore RESULT.json --model PATH --bucket 5e8
+re-predicts the cells of an earlier result (measured with DeepSpeed's default 5e8-element
+bucket) with today's model, and writes RESULT_rescored.json/.md beside it.
 """
 
 from __future__ import annotations
@@ -66,12 +72,12 @@ def accuracy(models: list[str], micros: list[int], zeros: list[int], methods: li
     cells = list(itertools.product(models, methods, zeros, (False, True), micros))
     configs = [cell_config(mdl, method, zero, ckpt, seq, precision)
                for mdl, method, zero, ckpt, _ in cells]
-    refs = [task.remote(cfg, m) for cfg, (*_, m) in zip(configs, cells, strict=True)]
+    refs = [task.remote(cfg, m, 2, not cuda) for cfg, (*_, m) in zip(configs, cells, strict=True)]
     rows = []
     for cfg, (mdl, method, zero, ckpt, m), ref in zip(configs, cells, refs, strict=True):
         measured = ray.get(ref)
         est = estimate_for(cfg, 1, m, cuda)
-        peak = measured and measured["peak_bytes"]
+        peak = measured and measured["allocated_bytes" if not cuda else "peak_bytes"]
         rows.append({"model": Path(mdl).parent.name, "method": method, "zero_stage": zero,
                      "checkpointing": ckpt, "micro_batch": m, "seq_len": seq,
                      "predicted_bytes": est.total_bytes, "measured_bytes": peak,
@@ -82,6 +88,90 @@ def accuracy(models: list[str], micros: list[int], zeros: list[int], methods: li
             "model", "method", "zero_stage", "checkpointing", "micro_batch", "predicted_bytes",
             "measured_bytes", "error")}), flush=True)
     return rows
+
+
+def measure_rank(cfg: Any, micro_batch: int, rank: int, world: int, port: int) -> int:
+    """One rank of a CPU group of `world` processes: its peak live tensor bytes."""
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    import deepspeed
+
+    from elastic_ft.core.probe import measure_candidate
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    return measure_candidate(cfg, micro_batch, 2, cpu_allocations=True)["allocated_bytes"]
+
+
+def accuracy_multi_rank(model: str, micro: int, zeros: list[int], methods: list[str], seq: int,
+                        world: int) -> list[dict[str, Any]]:
+    """ZeRO's partitioning at world size > 1 (CPU, gloo): every rank measured, the largest
+    scored."""
+    import socket
+
+    import ray
+
+    from elastic_ft.core.optimizer import estimate_for
+
+    task = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(measure_rank)
+    rows = []
+    for method, zero in itertools.product(methods, zeros):
+        cfg = cell_config(model, method, zero, False, seq, "bf16")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        peaks = ray.get([task.remote(cfg, micro, rank, world, port) for rank in range(world)])
+        est = estimate_for(cfg, world, micro, False)
+        rows.append({"model": Path(model).parent.name, "method": method, "zero_stage": zero,
+                     "checkpointing": False, "micro_batch": micro, "seq_len": seq,
+                     "world_size": world, "rank_peaks": peaks,
+                     "predicted_bytes": est.total_bytes, "measured_bytes": max(peaks),
+                     "error": (est.total_bytes - max(peaks)) / max(peaks),
+                     "parts": est.to_dict()})
+        print(json.dumps({k: rows[-1][k] for k in (
+            "model", "method", "zero_stage", "world_size", "predicted_bytes", "rank_peaks",
+            "error")}), flush=True)
+    return rows
+
+
+def rescore(path: Path, model: str, bucket: int) -> None:
+    """Today's model against the measurements in an earlier result file."""
+    from transformers import AutoConfig
+
+    from elastic_ft.core.memory import EngineBuffers, estimate_memory, shape_from_config
+
+    doc = json.loads(path.read_text())
+    shape = shape_from_config(AutoConfig.from_pretrained(model), 8, ("q_proj", "v_proj"))
+    cuda = bool(doc["hardware"].get("gpus"))
+    buffers = EngineBuffers(reduce_bucket=bucket, foreach_step=cuda)
+    rows = []
+    for r in doc["accuracy"]:
+        if not r["measured_bytes"] or r.get("checkpointing_active") is False:
+            continue  # an OOM, or a cell measured while checkpointing was silently off
+        est = estimate_memory(shape, r["method"], r["zero_stage"], 1, r["micro_batch"],
+                              r.get("seq_len", doc["seq_len"]), "bf16", r["checkpointing"],
+                              buffers=buffers)
+        rows.append(dict(r, predicted_bytes=est.total_bytes, parts=est.to_dict(),
+                         error=(est.total_bytes - r["measured_bytes"]) / r["measured_bytes"]))
+    errors = [abs(r["error"]) for r in rows]
+    out = dict(doc, accuracy=rows, probe=[], rescored_from=str(path), reduce_bucket=bucket,
+               median_abs_error=statistics.median(errors), max_abs_error=max(errors),
+               share_within_10pct=sum(e <= 0.10 for e in errors) / len(errors))
+    out["hardware"] = dict(doc["hardware"], commit=f"measured at {doc['hardware'].get('commit')}"
+                           f"; predicted at {hardware_commit()}")
+    stem = path.with_name(path.stem + "_rescored")
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
+    stem.with_suffix(".md").write_text(markdown(out))
+    print(markdown(out))
+
+
+def hardware_commit() -> str:
+    from elastic_ft.bench.hardware import git_commit
+
+    return str(git_commit())
 
 
 def probe_check(model: str, method: str, budget_bytes: int, seq: int, limit: int) -> dict:
@@ -112,15 +202,21 @@ def probe_check(model: str, method: str, budget_bytes: int, seq: int, limit: int
 
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"Memory model vs measured peak per worker ({doc['measure']}), seq "
-             f"{doc['seq_len']}, world size 1; commit {str(doc['hardware'].get('commit'))[:10]}",
-             "", "| model | method | ZeRO | ckpt | micro | predicted GiB | measured GiB | error |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{doc['seq_len']}; commit {str(doc['hardware'].get('commit'))[:10]}. At world "
+             "size > 1 the largest rank's peak is scored.", "",
+             "| model | method | ZeRO | ckpt | world | micro | predicted GiB | measured GiB | "
+             "error |", "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["accuracy"]:
         measured = "OOM" if r["measured_bytes"] is None else f"{r['measured_bytes'] / GiB:.3f}"
         error = "-" if r["error"] is None else f"{r['error']:+.1%}"
         lines.append(f"| {r['model']} | {r['method']} | {r['zero_stage']} | "
-                     f"{'on' if r['checkpointing'] else 'off'} | {r['micro_batch']} | "
+                     f"{'on' if r['checkpointing'] else 'off'} | {r.get('world_size', 1)} | "
+                     f"{r['micro_batch']} | "
                      f"{r['predicted_bytes'] / GiB:.3f} | {measured} | {error} |")
+    if doc.get("rescored_from"):
+        lines += ["", f"Re-predicted from the measurements in {doc['rescored_from']} "
+                  f"(DeepSpeed reduce bucket {doc['reduce_bucket']:.0e} elements, as measured): "
+                  f"{doc['hardware']['commit']}."]
     lines += ["", f"Median |error| {doc['median_abs_error']:.1%}, max {doc['max_abs_error']:.1%}."]
     if doc["probe"]:
         lines += ["", "| method | budget GiB | probe pick | largest that trains under the cap | "
@@ -144,7 +240,16 @@ def main() -> None:
     ap.add_argument("--probe", default="lora:8,full:16",
                     help="METHOD:BUDGET_GIB,... probe checks (GPU only); empty to skip")
     ap.add_argument("--probe-limit", type=int, default=64)
+    ap.add_argument("--world", type=int, default=2,
+                    help="CPU only: also measure ZeRO 1-3 on this many ranks (largest micro)")
+    ap.add_argument("--rescore", type=Path, default=None,
+                    help="an earlier memory_accuracy.json to re-predict (needs one --model)")
+    ap.add_argument("--bucket", type=float, default=5e8,
+                    help="with --rescore: the reduce bucket (elements) it was measured with")
     args = ap.parse_args()
+    if args.rescore:
+        rescore(args.rescore, args.model[0], int(args.bucket))
+        return
 
     import ray
     import torch
@@ -157,7 +262,11 @@ def main() -> None:
     ray.init(address="local", num_cpus=os.cpu_count() if cuda else 2, include_dashboard=False)
     rows = accuracy(models, [int(x) for x in args.micro.split(",")],
                     [int(x) for x in args.zero.split(",")], args.methods.split(","), seq,
-                    "bf16" if cuda else "fp32", args.gpu_share if cuda else 0.0)
+                    "bf16", args.gpu_share if cuda else 0.0)
+    if not cuda and args.world > 1:
+        rows += accuracy_multi_rank(models[-1], int(args.micro.split(",")[-1]),
+                                    [z for z in (1, 2, 3) if str(z) in args.zero.split(",")],
+                                    args.methods.split(","), seq, args.world)
     probes = []
     if cuda and args.probe:
         for pair in args.probe.split(","):
@@ -167,7 +276,8 @@ def main() -> None:
     errors = [abs(r["error"]) for r in rows if r["error"] is not None]
     hardware = hardware_record()
     doc = {"benchmark": "memory_accuracy", "hardware": hardware, "seq_len": seq,
-           "measure": "torch.cuda.max_memory_allocated" if cuda else "peak RSS growth",
+           "measure": "torch.cuda.max_memory_allocated" if cuda else
+           "peak live CPU tensor bytes (CpuAllocatedPeak); reserved_bytes = RSS growth",
            "accuracy": rows, "probe": probes,
            "median_abs_error": statistics.median(errors), "max_abs_error": max(errors),
            "share_within_10pct": sum(e <= 0.10 for e in errors) / len(errors)}

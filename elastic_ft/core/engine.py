@@ -6,13 +6,19 @@ import math
 from typing import Any
 
 from elastic_ft.config import RunConfig
+from elastic_ft.core.memory import reduce_bucket_elems
 from elastic_ft.resources.policy import BatchPlan
 
 
-def deepspeed_config(cfg: RunConfig, plan: BatchPlan, load_universal: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: RunConfig, plan: BatchPlan, load_universal: bool,
+                     hidden_size: int) -> dict[str, Any]:
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        # Buckets sized to the model (Hugging Face's "auto"), not DeepSpeed's 5e8 elements.
+        zero["reduce_bucket_size"] = reduce_bucket_elems(hidden_size)
     if ds.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = int(0.9 * reduce_bucket_elems(hidden_size))
         # Export needs full weights on rank 0; the gather happens once, at the end.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if ds.offload_optimizer:
@@ -67,5 +73,6 @@ def build_engine(cfg: RunConfig, model: Any, plan: BatchPlan, total_steps: int,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, plan, load_universal), dist_init_required=False)
+        config=deepspeed_config(cfg, plan, load_universal, model.config.hidden_size),
+        dist_init_required=False)
     return engine, scheduler

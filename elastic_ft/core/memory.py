@@ -50,14 +50,44 @@ def shape_from_config(config: Any, lora_r: int = 0, lora_targets: tuple[str, ...
                       getattr(config, "num_key_value_heads", None) or heads, config.vocab_size, lora)
 
 
+def reduce_bucket_elems(hidden: int) -> int:
+    """DeepSpeed's gradient bucket, in elements, as the engine configures it.
+
+    Hugging Face's "auto" value (hidden^2), at least 4M elements so that a small model is not
+    reduced in hundreds of latency-bound collectives. DeepSpeed's own default, 5e8 elements, is
+    a 1 GB bf16 buffer per worker whatever the model: for LoRA or a small model it can be most
+    of the peak (+0.55 GiB measured on the H100 with a 268M model at micro-batch 1).
+    """
+    return max(hidden * hidden, 2**22)
+
+
+@dataclass(frozen=True)
+class EngineBuffers:
+    """The DeepSpeed settings that decide buffer memory (elements), and the optimizer's path."""
+
+    reduce_bucket: int
+    max_live_params: int = 10**9  # stage3_max_live_parameters (DeepSpeed's default)
+    foreach_step: bool = True  # torch's AdamW on CUDA: one temporary as large as its tensors
+
+    @classmethod
+    def for_shape(cls, shape: ModelShape, cuda: bool = True) -> EngineBuffers:
+        return cls(reduce_bucket=reduce_bucket_elems(shape.hidden), foreach_step=cuda)
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Per-worker bytes. The peak is the larger of two moments that never overlap: the
+    backward's (activations and the gradient bucket) and the optimizer step's (fp32 gradients
+    and Adam's temporaries)."""
+
     params_bytes: int
     grads_bytes: int
     optimizer_bytes: int
     activations_bytes: int
     overhead_bytes: int
     cpu_offload_bytes: int
+    backward_bytes: int = 0
+    step_bytes: int = 0
 
     @property
     def model_states_bytes(self) -> int:
@@ -65,7 +95,8 @@ class MemoryEstimate:
 
     @property
     def total_bytes(self) -> int:
-        return self.model_states_bytes + self.activations_bytes + self.overhead_bytes
+        return (self.model_states_bytes + self.overhead_bytes
+                + max(self.activations_bytes, self.backward_bytes, self.step_bytes))
 
     def to_dict(self) -> dict[str, int]:
         return dict(asdict(self), model_states_bytes=self.model_states_bytes,
@@ -87,9 +118,9 @@ def zero_model_states(params: int, stage: int, world: int, mixed: bool = True,
     return p, g, o
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, act_bytes: int,
-                     checkpointing: bool, attn: str) -> int:
-    """Saved activations of one micro-batch at the backward's peak."""
+def activation_parts(shape: ModelShape, micro_batch: int, seq_len: int, act_bytes: int,
+                     checkpointing: bool, attn: str) -> tuple[int, int]:
+    """(decoder layers, logits) bytes saved for the backward of one micro-batch."""
     sb = micro_batch * seq_len
     h, i = shape.hidden, shape.intermediate
     kv = h * shape.kv_heads // shape.heads
@@ -100,41 +131,77 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, act_byte
     norms = 4 * sb * h * 2  # RMSNorm upcasts to fp32
     per_layer = attn_layer + mlp_layer + norms
     logits = sb * shape.vocab * (act_bytes + 4 + 4)  # logits, fp32 upcast, its gradient
-    if checkpointing:
-        return shape.layers * act_bytes * sb * h + per_layer + logits
-    return shape.layers * per_layer + logits
+    layers = (shape.layers * act_bytes * sb * h + per_layer if checkpointing
+              else shape.layers * per_layer)
+    return layers, logits
+
+
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, act_bytes: int,
+                     checkpointing: bool, attn: str) -> int:
+    """Saved activations of one micro-batch at the backward's peak."""
+    return sum(activation_parts(shape, micro_batch, seq_len, act_bytes, checkpointing, attn))
 
 
 def estimate_memory(shape: ModelShape, method: str, zero_stage: int, world: int,
                     micro_batch: int, seq_len: int, precision: str = "bf16",
                     checkpointing: bool = False, offload_optimizer: bool = False,
-                    offload_params: bool = False, attn: str = "sdpa") -> MemoryEstimate:
-    """Per-worker device memory for one configuration (CPU bytes reported separately)."""
+                    offload_params: bool = False, attn: str = "sdpa",
+                    buffers: EngineBuffers | None = None) -> MemoryEstimate:
+    """Per-worker device memory for one configuration (CPU bytes reported separately).
+
+    Written from DeepSpeed 0.19's code paths and checked against allocation counts
+    (`benchmarks/memory_accuracy.py`): below, T is the trainable parameters, /W a partition.
+    - resident: 16-bit params (2T, /W at stage 3), 16-bit grads (2T; /W from stage 2), fp32
+      master + Adam moments (12T, /W from stage 1); a LoRA base adds its frozen weights.
+    - optimizer step: an fp32 copy of the gradients (4T/W), and Adam's temporaries: torch's
+      AdamW on CUDA runs foreach (one fp32 temporary as large as all its tensors), on CPU
+      tensor by tensor (two, as large as the largest). Stages 1-2 free the 16-bit gradients
+      once they are copied; stage 0 (DeepSpeed's unfused 16-bit optimizer) keeps them.
+    - gradient bucket (`reduce_bucket`, 16-bit): stage 3 allocates it at start-up; stages 1-2
+      at the first gradient of the backward, when the logits' part of the activations is gone
+      but every decoder layer's is still held (for LoRA, all but the last block's).
+    - stage 3 at W > 1 keeps gathered parameters live from forward to backward (DeepSpeed's
+      default reuse distance) up to `max_live_params`.
+    """
+    buffers = buffers or EngineBuffers.for_shape(shape)
     mixed = precision != "fp32"
     act = DTYPE_BYTES[precision]
     if method == "full":
         trainable, frozen_bytes = shape.total_params, 0.0
+        first_grad_layers = shape.layers
     else:
         trainable = shape.lora_params
         base_bytes = 0.55 if method == "qlora" else act  # nf4 + double-quant constants
         frozen_bytes = shape.total_params * base_bytes / (world if zero_stage == 3 else 1)
-    p, g, o = zero_model_states(trainable, zero_stage, world, mixed, fp32_grad_partition=True)
+        first_grad_layers = shape.layers - 1
+    p, g, o = zero_model_states(trainable, zero_stage, world, mixed)
+    opt_tensors = trainable / world if zero_stage >= 1 else trainable
+    fp32_grads = 4 * opt_tensors if (mixed or zero_stage >= 1) else 0.0
+    largest = min(opt_tensors, shape.largest_layer_params) if zero_stage == 0 else opt_tensors
+    adam_temps = 4 * opt_tensors if buffers.foreach_step else 8 * largest
+    step = fp32_grads + adam_temps - (g if zero_stage in (1, 2) else 0.0)
     cpu = 0.0
     if offload_optimizer:
-        cpu += o + (g if zero_stage >= 2 else 0)
-        o, g = 0.0, (0.0 if zero_stage >= 2 else g)
+        cpu += o + fp32_grads
+        o, step = 0.0, 0.0
     if offload_params:
         cpu += p + frozen_bytes
         p, frozen_bytes = 0.0, 0.0
+    layers, logits = activation_parts(shape, micro_batch, seq_len, act, checkpointing, attn)
+    bucket = buffers.reduce_bucket * (act if mixed else 4) if zero_stage >= 1 else 0
     overhead = 0.0
+    backward = 0.0
     if zero_stage == 3:
-        overhead += 2 * shape.largest_layer_params * act  # gathered layer + prefetch
-    if zero_stage in (1, 2):
-        overhead += 2 * min(trainable, 5 * 10**8) * (2 if mixed else 4) / max(1, world)
+        gathered = min(shape.total_params, buffers.max_live_params) * act * (1 - 1 / world)
+        overhead = bucket + gathered + 2 * shape.largest_layer_params * act  # + prefetch
+    elif zero_stage in (1, 2):
+        held = layers * first_grad_layers / shape.layers
+        logits_grad = shape.vocab * micro_batch * seq_len * act if method == "full" else 0
+        backward = bucket + held + logits_grad
     return MemoryEstimate(
         params_bytes=int(p + frozen_bytes), grads_bytes=int(g), optimizer_bytes=int(o),
-        activations_bytes=activation_bytes(shape, micro_batch, seq_len, act, checkpointing, attn),
-        overhead_bytes=int(overhead), cpu_offload_bytes=int(cpu))
+        activations_bytes=layers + logits, overhead_bytes=int(overhead),
+        cpu_offload_bytes=int(cpu), backward_bytes=int(backward), step_bytes=int(step))
 
 
 def max_micro_batch(shape: ModelShape, budget_bytes: int, limit: int = 1024, **kwargs: Any) -> int:

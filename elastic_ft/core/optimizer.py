@@ -12,7 +12,12 @@ from typing import Any
 import psutil
 
 from elastic_ft.config import RunConfig
-from elastic_ft.core.memory import estimate_memory, max_micro_batch, shape_from_config
+from elastic_ft.core.memory import (
+    EngineBuffers,
+    estimate_memory,
+    max_micro_batch,
+    shape_from_config,
+)
 from elastic_ft.core.probe import probe_micro_batch
 
 
@@ -41,11 +46,12 @@ def model_shape(cfg: RunConfig):
 
 
 def estimate_for(cfg: RunConfig, world: int, micro_batch: int, use_gpu: bool = True):
+    shape = model_shape(cfg)
     return estimate_memory(
-        model_shape(cfg), cfg.method.kind, cfg.deepspeed.zero_stage, world, micro_batch,
+        shape, cfg.method.kind, cfg.deepspeed.zero_stage, world, micro_batch,
         cfg.data.seq_len, cfg.train.precision, cfg.model.gradient_checkpointing,
         cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_params,
-        cfg.model.attn_implementation)
+        cfg.model.attn_implementation, EngineBuffers.for_shape(shape, use_gpu))
 
 
 def resolve_max_micro_batch(cfg: RunConfig, use_gpu: bool, events: Any) -> tuple[int, int]:
@@ -58,7 +64,8 @@ def resolve_max_micro_batch(cfg: RunConfig, use_gpu: bool, events: Any) -> tuple
         world=cfg.workers.min, seq_len=cfg.data.seq_len, precision=cfg.train.precision,
         checkpointing=cfg.model.gradient_checkpointing,
         offload_optimizer=cfg.deepspeed.offload_optimizer,
-        offload_params=cfg.deepspeed.offload_params, attn=cfg.model.attn_implementation)
+        offload_params=cfg.deepspeed.offload_params, attn=cfg.model.attn_implementation,
+        buffers=EngineBuffers.for_shape(shape, use_gpu))
     if cfg.train.micro_batch != "auto":
         requested = int(cfg.train.micro_batch)
         if modelled >= requested:

@@ -14,6 +14,7 @@ allocated figure alone can pick a size that then OOMs.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import socket
 import threading
@@ -56,6 +57,48 @@ class RssPeak:
         return self.peak - self.base
 
 
+class CpuAllocatedPeak:
+    """Peak bytes of live CPU tensors allocated while the block runs: the CPU analogue of
+    `torch.cuda.max_memory_allocated`, free of the heap and page-cache slack in RSS.
+
+    PyTorch's CPU allocator keeps a running total of the bytes it handed out while the
+    profiler records memory, and reports it with every allocation event; the peak of that
+    total is read back from the profiler's event tree. Costs a profiler's overhead, so the
+    probe itself stays on RSS; the memory benchmark uses this to score the model exactly.
+    Only the calling thread's allocations are counted, so Hugging Face's threaded weight
+    loading is switched off meanwhile.
+    """
+
+    def __enter__(self) -> CpuAllocatedPeak:
+        import os
+
+        from torch.profiler import ProfilerActivity, profile
+
+        self._async_load = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        self.peak = 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        from torch._C._profiler import _EventType
+
+        self._profile.__exit__(*exc)
+        if self._async_load is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = self._async_load
+        pending = list(self._profile.profiler.kineto_results.experimental_event_tree())
+        while pending:
+            event = pending.pop()
+            pending.extend(event.children)
+            if event.tag == _EventType.Allocation and str(event.extra_fields.device) == "cpu":
+                self.peak = max(self.peak, event.extra_fields.total_allocated)
+
+
 def single_process_group() -> None:
     import os
 
@@ -86,10 +129,12 @@ def _is_oom(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
-def measure_candidate(cfg: RunConfig, micro_batch: int, steps: int = 2) -> dict[str, int] | None:
+def measure_candidate(cfg: RunConfig, micro_batch: int, steps: int = 2,
+                      cpu_allocations: bool = False) -> dict[str, int] | None:
     """Peak bytes of `steps` DeepSpeed steps at (micro_batch, seq_len); None when it OOMs.
 
-    Returns {"peak_bytes", "reserved_bytes"}; on CPU both are the RSS growth.
+    Returns {"peak_bytes", "reserved_bytes"}; on CPU both are the RSS growth, and with
+    `cpu_allocations` "allocated_bytes" is the CPU tensors' peak (`CpuAllocatedPeak`).
     """
     import deepspeed  # noqa: F401  (chooses its accelerator before torch work)
     import peft  # noqa: F401  (module imports are not the step's memory)
@@ -100,17 +145,19 @@ def measure_candidate(cfg: RunConfig, micro_batch: int, steps: int = 2) -> dict[
     from elastic_ft.core.model import load_model
     from elastic_ft.resources.policy import BatchPlan
 
-    single_process_group()
+    single_process_group()  # unless the caller already joined a group of several ranks
+    world = torch.distributed.get_world_size()
     cuda = torch.cuda.is_available()
-    plan = BatchPlan(world_size=1, micro_batch=micro_batch, grad_accum=1,
-                     global_batch=micro_batch, requested_global_batch=micro_batch, lr_scale=1.0,
-                     reason="probe")
+    plan = BatchPlan(world_size=world, micro_batch=micro_batch, grad_accum=1,
+                     global_batch=micro_batch * world,
+                     requested_global_batch=micro_batch * world, lr_scale=1.0, reason="probe")
     engine = None
     rss = RssPeak()
+    allocations = CpuAllocatedPeak() if cpu_allocations and not cuda else contextlib.nullcontext()
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        with rss:
+        with rss, allocations:
             model = load_model(cfg)
             engine, _ = build_engine(cfg, model, plan, total_steps=steps, load_universal=False)
             vocab = engine.module.config.vocab_size
@@ -123,7 +170,10 @@ def measure_candidate(cfg: RunConfig, micro_batch: int, steps: int = 2) -> dict[
         if cuda:
             return {"peak_bytes": int(torch.cuda.max_memory_allocated()),
                     "reserved_bytes": int(torch.cuda.max_memory_reserved())}
-        return {"peak_bytes": rss.growth, "reserved_bytes": rss.growth}
+        measured = {"peak_bytes": rss.growth, "reserved_bytes": rss.growth}
+        if isinstance(allocations, CpuAllocatedPeak):
+            measured["allocated_bytes"] = allocations.peak
+        return measured
     except Exception as error:  # an OOM is an answer here; anything else is not
         if _is_oom(error):
             return None
