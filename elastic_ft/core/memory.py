@@ -136,12 +136,6 @@ def activation_parts(shape: ModelShape, micro_batch: int, seq_len: int, act_byte
     return layers, logits
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, act_bytes: int,
-                     checkpointing: bool, attn: str) -> int:
-    """Saved activations of one micro-batch at the backward's peak."""
-    return sum(activation_parts(shape, micro_batch, seq_len, act_bytes, checkpointing, attn))
-
-
 def estimate_memory(shape: ModelShape, method: str, zero_stage: int, world: int,
                     micro_batch: int, seq_len: int, precision: str = "bf16",
                     checkpointing: bool = False, offload_optimizer: bool = False,
