@@ -1,11 +1,12 @@
 """Predicted vs measured peak memory per worker, and the probe against the largest real fit.
 
 Part 1 (accuracy): every cell runs the real worker path - `load_model` + `build_engine`
-(DeepSpeed ZeRO 0-3, world size 1; on CPU also ZeRO 1-3 over `--world` gloo ranks) - for two steps at (micro_batch, seq_len) in a fresh process
-(`elastic_ft.core.probe.measure_candidate`, the probe's own measurement), and compares the peak
-with `estimate_memory`. GPU: `torch.cuda.max_memory_allocated`. CPU: the peak of live CPU tensor
-bytes (`CpuAllocatedPeak`, the same quantity), RSS growth alongside. bf16 on both, so DeepSpeed
-takes the same optimizer paths as on a GPU.
+(DeepSpeed ZeRO 0-3, world size 1; on CPU also ZeRO 1-3 over `--world` gloo ranks) - for two
+steps at (micro_batch, seq_len) in a fresh process (`elastic_ft.core.probe.measure_candidate`,
+the probe's own measurement), and compares the peak with `estimate_memory`. GPU:
+`torch.cuda.max_memory_allocated`. CPU: the peak of live CPU tensor bytes (`CpuAllocatedPeak`,
+the same quantity), RSS growth alongside. bf16 on both, so DeepSpeed takes the same optimizer
+paths as on a GPU.
 
 Part 2 (probe, GPU only): for each (method, budget), the probe's pick against the largest
 micro-batch that really trains when the process is held to the budget by
@@ -92,17 +93,9 @@ def accuracy(models: list[str], micros: list[int], zeros: list[int], methods: li
 
 def measure_rank(cfg: Any, micro_batch: int, rank: int, world: int, port: int) -> int:
     """One rank of a CPU group of `world` processes: its peak live tensor bytes."""
-    import torch.distributed as dist
+    from elastic_ft.core.probe import local_process_group, measure_candidate
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    import deepspeed
-
-    from elastic_ft.core.probe import measure_candidate
-
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    local_process_group(rank, world, port)
     return measure_candidate(cfg, micro_batch, 2, cpu_allocations=True)["allocated_bytes"]
 
 
@@ -141,6 +134,7 @@ def rescore(path: Path, model: str, bucket: int) -> None:
     """Today's model against the measurements in an earlier result file."""
     from transformers import AutoConfig
 
+    from elastic_ft.bench.hardware import git_commit
     from elastic_ft.core.memory import EngineBuffers, estimate_memory, shape_from_config
 
     doc = json.loads(path.read_text())
@@ -161,17 +155,11 @@ def rescore(path: Path, model: str, bucket: int) -> None:
                median_abs_error=statistics.median(errors), max_abs_error=max(errors),
                share_within_10pct=sum(e <= 0.10 for e in errors) / len(errors))
     out["hardware"] = dict(doc["hardware"], commit=f"measured at {doc['hardware'].get('commit')}"
-                           f"; predicted at {hardware_commit()}")
+                           f"; predicted at {git_commit()}")
     stem = path.with_name(path.stem + "_rescored")
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
     stem.with_suffix(".md").write_text(markdown(out))
     print(markdown(out))
-
-
-def hardware_commit() -> str:
-    from elastic_ft.bench.hardware import git_commit
-
-    return str(git_commit())
 
 
 def probe_check(model: str, method: str, budget_bytes: int, seq: int, limit: int) -> dict:

@@ -99,7 +99,8 @@ class CpuAllocatedPeak:
                 self.peak = max(self.peak, event.extra_fields.total_allocated)
 
 
-def single_process_group() -> None:
+def local_process_group(rank: int = 0, world: int = 1, port: int | None = None) -> None:
+    """Join (or, alone, form) a process group on this host; nothing when one exists."""
     import os
 
     import torch
@@ -107,15 +108,16 @@ def single_process_group() -> None:
 
     if dist.is_initialized():
         return
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     # DeepSpeed reads the launcher's variables even over an existing process group.
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                        ("LOCAL_WORLD_SIZE", "1")):
-        os.environ.setdefault(name, value)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
     import deepspeed
 
     # Wrapping the group now loads DeepSpeed's comm op outside the measured window.
@@ -145,7 +147,7 @@ def measure_candidate(cfg: RunConfig, micro_batch: int, steps: int = 2,
     from elastic_ft.core.model import load_model
     from elastic_ft.resources.policy import BatchPlan
 
-    single_process_group()  # unless the caller already joined a group of several ranks
+    local_process_group()  # unless the caller already joined a group of several ranks
     world = torch.distributed.get_world_size()
     cuda = torch.cuda.is_available()
     plan = BatchPlan(world_size=world, micro_batch=micro_batch, grad_accum=1,

@@ -95,8 +95,6 @@ def test_predicts_the_h100_measurements() -> None:
     """The H100 cells (`assets/medium`, bf16, seq 1024, DeepSpeed's 5e8-element bucket of the
     time) against today's model: each within 12%, the median within 5%. The buckets, the
     step's fp32 gradients and Adam's foreach temporary are what the old model lacked (13%)."""
-    from pathlib import Path
-
     from elastic_ft.core.memory import EngineBuffers
 
     shape = shape_from_config(LlamaConfig(**MEDIUM), 8, ("q_proj", "v_proj"))
@@ -132,9 +130,9 @@ def test_engine_buckets_are_the_ones_the_model_counts(tmp_path) -> None:
     # activations: with checkpointing it raises the LoRA peak
     lora = dict(method="lora", zero_stage=2, world=8, micro_batch=1, seq_len=2048,
                 checkpointing=True)
-    sized = estimate_memory(shape_from_config(LlamaConfig(**LLAMA2_7B), 8, ("q_proj",)), **lora)
-    default = estimate_memory(shape_from_config(LlamaConfig(**LLAMA2_7B), 8, ("q_proj",)),
-                              buffers=EngineBuffers(reduce_bucket=int(5e8)), **lora)
+    lora_shape = shape_from_config(LlamaConfig(**LLAMA2_7B), 8, ("q_proj",))
+    sized = estimate_memory(lora_shape, **lora)
+    default = estimate_memory(lora_shape, buffers=EngineBuffers(reduce_bucket=int(5e8)), **lora)
     assert default.backward_bytes - sized.backward_bytes == 2 * (5 * 10**8 - 4096 * 4096)
     assert default.total_bytes - sized.total_bytes > 0.3e9
 

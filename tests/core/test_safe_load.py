@@ -24,10 +24,10 @@ def _engine(tiny_assets: Path, zero_stage: int, method: str = "full"):
     from elastic_ft.config import load_config
     from elastic_ft.core.engine import build_engine
     from elastic_ft.core.model import load_model
-    from elastic_ft.core.probe import single_process_group
+    from elastic_ft.core.probe import local_process_group
     from elastic_ft.resources.policy import BatchPlan
 
-    single_process_group()
+    local_process_group()
     cfg = load_config(ROOT / "configs" / "tiny-lora-cpu.yaml", {
         "model.name_or_path": str(tiny_assets), "method.kind": method,
         "deepspeed.zero_stage": zero_stage})
