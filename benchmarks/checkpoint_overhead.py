@@ -56,11 +56,12 @@ def main() -> None:
     from elastic_ft.bench.hardware import hardware_record
     from elastic_ft.bench.report import save_benchmark
     from elastic_ft.core.tiny_assets import make_tiny_assets
+    from elastic_ft.core.trainer import start_local_ray
 
     work = Path(tempfile.mkdtemp(prefix="eft_ckptbench_"))
     make_tiny_assets(work / "assets")
     model = work / "assets" / "model"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     runs: dict[str, list[dict]] = {"async": [], "sync": [], "final_only": []}
     for i in range(args.repeats):
         for mode in runs:

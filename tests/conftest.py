@@ -32,11 +32,9 @@ def ray_local():
     if ray.is_initialized():  # a fake-node cluster of another module
         ray.shutdown()
     # 4 logical CPUs on a 2-core box: training workers and data tasks never starve each other.
-    # address="local": never attach to a `ray start` head another test left on this machine
-    from elastic_ft.resources import sigterm
+    from elastic_ft.core.trainer import start_local_ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env=sigterm.RUNTIME_ENV)
+    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

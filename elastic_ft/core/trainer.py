@@ -16,6 +16,8 @@ from elastic_ft.core.checkpoint import RUN_NAME, find_latest_valid, prune_checkp
 from elastic_ft.core.model import tokenizer_path
 from elastic_ft.events import EventLog, read_events, redact
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
 
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Connect to RAY_ADDRESS, or start an embedded local Ray (dashboard on 127.0.0.1).
@@ -33,12 +35,45 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=sigterm.RUNTIME_ENV)
     else:
-        # "local": a new embedded cluster, even if a `ray start` head runs on this machine
         # ELASTIC_FT_DASHBOARD=0: no dashboard (an image without ray[default]'s packages)
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
-                 include_dashboard=os.environ.get("ELASTIC_FT_DASHBOARD", "1") != "0",
-                 log_to_driver=True, runtime_env=sigterm.RUNTIME_ENV)
+        start_local_ray(num_cpus, os.environ.get("ELASTIC_FT_DASHBOARD", "1") != "0", True)
     return True
+
+
+def start_local_ray(num_cpus: int | None, include_dashboard: bool, log_to_driver: bool) -> None:
+    """A new embedded Ray cluster ("local": even if a `ray start` head runs on this machine)
+    whose own processes find it through the state API.
+
+    Without a RAY_ADDRESS, state-API calls made inside the cluster (Ray Train's placement-group
+    cleaner asks every second whether the controller lives) look the cluster up in
+    /tmp/ray/ray_current_cluster, which names the last `ray start` head, not this cluster. A
+    dead head there costs 12 s at the end of every `fit()` (the cleaner waits on a GCS that
+    never answers); a live one tells the cleaner our controller is gone, and it quits before it
+    can guard our placement group. Exporting RAY_API_SERVER_ADDRESS, with the dashboard on a
+    port picked here, before the raylet starts points them at this cluster (without a
+    dashboard, the calls fail at once). It is restored after: a later cluster in this process
+    must not inherit it.
+    """
+    import socket
+
+    import ray
+
+    from elastic_ft.resources import sigterm
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    previous = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+                 dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=log_to_driver,
+                 runtime_env=sigterm.RUNTIME_ENV)
+    finally:
+        if previous is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = previous
 
 
 def _quiet_ray_data() -> None:

@@ -27,6 +27,33 @@ def _metrics(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows}  # a step redone after a restart replaces the lost one
 
 
+def test_cluster_processes_find_their_own_cluster_past_a_stale_address_file(ray_local) -> None:
+    """Ray Train's placement-group cleaner asks the state API, from inside the cluster, whether
+    the controller lives. A dead `ray start` head named in ray_current_cluster made each fit()
+    wait 12 s for it; the embedded cluster's processes must ask the embedded cluster."""
+    from ray._common.utils import get_ray_address_file
+
+    address_file = Path(get_ray_address_file(None))
+    saved = address_file.read_text() if address_file.exists() else None
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    address_file.write_text("127.0.0.1:9")  # a head that is gone
+
+    @ray_local.remote(num_cpus=0)
+    def api_server_url() -> str:
+        from ray.dashboard.utils import get_address_for_submission_client
+
+        return get_address_for_submission_client(None)
+
+    try:
+        url = ray_local.get(api_server_url.remote(), timeout=30)
+    finally:
+        if saved is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(saved)
+    assert url.startswith("http://127.0.0.1:") and not url.endswith(":9")
+
+
 def test_lora_zero2_two_workers_then_resume_at_one(tmp_path, tiny_assets, ray_local) -> None:
     from elastic_ft.core.trainer import run_training
 
