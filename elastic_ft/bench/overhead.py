@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,20 @@ from typing import Any
 from elastic_ft.config import RunConfig
 
 
-def _timed_rows(path: Path, warmup_steps: int) -> float:
+def _throughput(path: Path, warmup_steps: int) -> dict[str, float]:
+    """Trainable tokens/s after `warmup_steps`, two ways: over the whole timed span (what a
+    user waits), and the median of the steps' own rates, which a stall of the shared machine
+    during one step moves no more than any other step."""
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     timed = [r for r in rows if r["step"] > warmup_steps]
-    span_s = timed[-1]["t"] - rows[warmup_steps - 1]["t"] if warmup_steps else (
-        timed[-1]["t"] - timed[0]["t"])
-    return sum(r["trainable_tokens"] for r in timed) / span_s
+    first = rows[warmup_steps - 1] if warmup_steps else timed[0]
+    span_s = timed[-1]["t"] - first["t"]
+    previous = [first, *timed[:-1]] if warmup_steps else timed[:-1]
+    steps = timed if warmup_steps else timed[1:]
+    step_s = [r["t"] - p["t"] for p, r in zip(previous, steps, strict=True)]
+    step_rates = [r["trainable_tokens"] / s for r, s in zip(steps, step_s, strict=True) if s > 0]
+    return {"span": sum(r["trainable_tokens"] for r in steps) / span_s,
+            "median_step": statistics.median(step_rates), "step_s": statistics.median(step_s)}
 
 
 def plain_deepspeed_loop(config: dict[str, Any]) -> None:
@@ -124,9 +133,8 @@ def hf_trainer_loop(config: dict[str, Any]) -> None:
 def run_overhead(cfg: RunConfig, out_dir: Path, steps: int = 30, warmup_steps: int = 5,
                  repeats: int = 1) -> dict[str, Any]:
     """tokens/s of the three loops, `repeats` rounds interleaved (the order rotates each round,
-    so drift on a shared machine hits every loop alike); medians and per-round ratios."""
-    import statistics
-
+    so drift on a shared machine hits every loop alike). Ratios are elastic_ft over each loop,
+    per round, then the median of rounds; the headline uses the steps' median rates."""
     import ray
 
     from elastic_ft.bench.hardware import hardware_record
@@ -144,10 +152,9 @@ def run_overhead(cfg: RunConfig, out_dir: Path, steps: int = 30, warmup_steps: i
         use_gpu = resolve_use_gpu(cfg)
         prepared, _ = prepare_data(cfg.data, tokenizer_path(cfg), out_dir / "data")
         blocks_ref = ray.put(prepared.table)
-        names = ["elastic_ft", "plain_deepspeed", "hf_trainer"]
-        rounds: list[dict[str, float]] = []
+        rounds: list[dict[str, dict[str, float]]] = []
         for r in range(repeats):
-            order = names[r % 3:] + names[:r % 3]
+            order = LOOPS[r % 3:] + LOOPS[:r % 3]
             round_dir = out_dir / f"round{r}"
             # a round measures fresh runs: elastic_ft would otherwise resume a previous round
             shutil.rmtree(round_dir, ignore_errors=True)
@@ -157,18 +164,36 @@ def run_overhead(cfg: RunConfig, out_dir: Path, steps: int = 30, warmup_steps: i
     finally:
         if started:
             ray.shutdown()
-    tps = {name: statistics.median(r[name] for r in rounds) for name in names}
     return {"benchmark": "overhead", "hardware": hardware, "world_size": world, "steps": steps,
             "warmup_steps": warmup_steps, "global_batch": cfg.train.global_batch,
-            "repeats": repeats, "rounds": rounds, "tokens_per_s": tps,
-            "elastic_ft_vs_plain": statistics.median(
-                r["elastic_ft"] / r["plain_deepspeed"] for r in rounds),
-            "elastic_ft_vs_hf_trainer": statistics.median(
-                r["elastic_ft"] / r["hf_trainer"] for r in rounds)}
+            "repeats": repeats, "rounds": rounds, **summarise_rounds(rounds)}
+
+
+LOOPS = ["elastic_ft", "plain_deepspeed", "hf_trainer"]
+
+
+def summarise_rounds(rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Medians over rounds of each loop's rates and of elastic_ft's per-round ratios."""
+    out: dict[str, Any] = {"tokens_per_s": {}, "ratios": {}}
+    for way in ("median_step", "span"):
+        out["tokens_per_s"][way] = {
+            name: statistics.median(r[name][way] for r in rounds) for name in LOOPS}
+        out["ratios"][way] = {name: statistics.median(
+            r["elastic_ft"][way] / r[name][way] for r in rounds) for name in LOOPS[1:]}
+    per_round = [r["elastic_ft"]["median_step"] / r["plain_deepspeed"]["median_step"]
+                 for r in rounds]
+    out["elastic_ft_vs_plain"] = out["ratios"]["median_step"]["plain_deepspeed"]
+    out["elastic_ft_vs_plain_range"] = [min(per_round), max(per_round)]
+    # elastic_ft and the plain loop train the same batches: the difference of their median
+    # step times is elastic_ft's own cost per step, whatever the model's step costs
+    out["extra_s_per_step"] = statistics.median(
+        r["elastic_ft"]["step_s"] - r["plain_deepspeed"]["step_s"] for r in rounds)
+    out["elastic_ft_vs_hf_trainer"] = out["ratios"]["median_step"]["hf_trainer"]
+    return out
 
 
 def _one_loop(name: str, cfg: RunConfig, out_dir: Path, blocks_ref: Any, world: int,
-              use_gpu: bool, steps: int, warmup_steps: int) -> float:
+              use_gpu: bool, steps: int, warmup_steps: int) -> dict[str, float]:
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -190,11 +215,11 @@ def _one_loop(name: str, cfg: RunConfig, out_dir: Path, blocks_ref: Any, world: 
         metrics.write_text("".join(json.dumps(
             {"step": r["step"], "t": r["t"], "trainable_tokens": r["trained_real_tokens"]}) + "\n"
             for r in rows))
-        return _timed_rows(metrics, warmup_steps)
+        return _throughput(metrics, warmup_steps)
     loop = plain_deepspeed_loop if name == "plain_deepspeed" else hf_trainer_loop
     TorchTrainer(loop, train_loop_config={
         "run": cfg.to_dict(), "blocks_ref": blocks_ref, "steps": steps,
         "metrics": str(metrics), "out_dir": str(out_dir / name), "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu),
         run_config=RayRunConfig(name=name, storage_path=str(out_dir / "ray"))).fit()
-    return _timed_rows(metrics, warmup_steps)
+    return _throughput(metrics, warmup_steps)

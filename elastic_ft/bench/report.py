@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,18 +92,28 @@ def compare_markdown(results: list[dict[str, Any]]) -> str:
 
 
 def overhead_markdown(result: dict[str, Any]) -> str:
-    tps = result["tokens_per_s"]
-    rounds = result.get("rounds") or [tps]
+    tps, ratios, rounds = result["tokens_per_s"], result["ratios"], result["rounds"]
     lines = [f"Overhead at world size {result['world_size']}, global batch "
              f"{result['global_batch']}, {result['steps']} steps ({result['warmup_steps']} "
-             f"warm-up), {len(rounds)} interleaved round(s): trainable tokens per second "
-             "(median; per-round figures after it)", "",
-             "| loop | tokens/s | per round | elastic_ft / this (median of rounds) |",
-             "|---|---|---|---|"]
+             f"warm-up), {len(rounds)} interleaved round(s). Trainable tokens per second: the "
+             "median of the steps' own rates (a stall of the shared machine moves it no more "
+             "than one step) and over the whole timed span; medians of rounds, per-round "
+             "figures after them.", "",
+             "| loop | tokens/s, median step | per round | tokens/s, span | "
+             "elastic_ft / this, median step | elastic_ft / this, span |",
+             "|---|---|---|---|---|---|"]
     for name in ("elastic_ft", "plain_deepspeed", "hf_trainer"):
-        ratio = sorted(r["elastic_ft"] / r[name] for r in rounds)[len(rounds) // 2]
-        per_round = ", ".join(f"{r[name]:.0f}" for r in rounds)
-        lines.append(f"| {name} | {tps[name]:.0f} | {per_round} | {ratio:.3f} |")
+        per_round = ", ".join(f"{r[name]['median_step']:.0f}" for r in rounds)
+        step_ratio = ratios["median_step"].get(name, 1.0)
+        span_ratio = ratios["span"].get(name, 1.0)
+        lines.append(f"| {name} | {tps['median_step'][name]:.0f} | {per_round} | "
+                     f"{tps['span'][name]:.0f} | {step_ratio:.3f} | {span_ratio:.3f} |")
+    low, high = result["elastic_ft_vs_plain_range"]
+    lines += ["", f"elastic_ft / plain DeepSpeed, median step, per round: {low:.3f} to "
+              f"{high:.3f}. elastic_ft's own cost per step (median step time minus the plain "
+              f"loop's, same batches): {1000 * result['extra_s_per_step']:.1f} ms of "
+              f"{1000 * statistics.median(r['plain_deepspeed']['step_s'] for r in rounds):.0f}"
+              " ms."]
     return "\n".join(lines) + "\n"
 
 

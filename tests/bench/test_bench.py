@@ -31,6 +31,32 @@ def test_efficiency_against_one_worker() -> None:
     assert [r["efficiency"] for r in rows] == [1.0, 0.75, 1.0, 0.9]
 
 
+def test_overhead_rates_by_hand(tmp_path) -> None:
+    """100 tokens a step, 1 s a step, but step 4 stalls 5 s: the span rate drops, the median
+    of the steps' rates does not; warm-up steps 1-2 are left out of both."""
+    from elastic_ft.bench.overhead import _throughput, summarise_rounds
+
+    times = [0.0, 10.0, 11.0, 12.0, 17.0, 18.0, 19.0]  # steps 1..7 end at these times
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text("".join(json.dumps({"step": i + 1, "t": t, "trainable_tokens": 100})
+                               + "\n" for i, t in enumerate(times)))
+    rates = _throughput(metrics, warmup_steps=2)
+    assert rates == {"span": pytest.approx(500 / 9), "median_step": pytest.approx(100.0),
+                     "step_s": pytest.approx(1.0)}
+    rounds = [{"elastic_ft": {"span": 90.0, "median_step": 97.0, "step_s": 1.03},
+               "plain_deepspeed": {"span": 100.0, "median_step": 100.0, "step_s": 1.0},
+               "hf_trainer": {"span": 30.0, "median_step": 50.0, "step_s": 2.0}},
+              {"elastic_ft": {"span": 99.0, "median_step": 99.0, "step_s": 1.01},
+               "plain_deepspeed": {"span": 100.0, "median_step": 100.0, "step_s": 1.0},
+               "hf_trainer": {"span": 30.0, "median_step": 33.0, "step_s": 3.0}}]
+    summary = summarise_rounds(rounds)
+    assert summary["elastic_ft_vs_plain"] == pytest.approx(0.98)
+    assert summary["elastic_ft_vs_plain_range"] == pytest.approx([0.97, 0.99])
+    assert summary["ratios"]["span"]["plain_deepspeed"] == pytest.approx(0.945)
+    assert summary["elastic_ft_vs_hf_trainer"] == pytest.approx((97 / 50 + 99 / 33) / 2)
+    assert summary["extra_s_per_step"] == pytest.approx(0.02)
+
+
 def test_matmul_peak_is_measured_and_says_so() -> None:
     peak = measure_matmul_peak(128, repeats=3)
     assert peak.flops_per_s > 1e6 and peak.source.startswith("measured:")
@@ -97,6 +123,9 @@ def test_bench_overhead_end_to_end(tmp_path, tiny_assets, ray_local) -> None:
         "--set", f"model.name_or_path={tiny_assets}", "--set", f"output_dir={tmp_path / 'o'}"])
     assert done.exit_code == 0, done.output + repr(done.exception)
     result = json.loads((out / "overhead.json").read_text())
-    assert set(result["tokens_per_s"]) == {"elastic_ft", "plain_deepspeed", "hf_trainer"}
-    assert all(v > 0 for v in result["tokens_per_s"].values())
-    assert result["elastic_ft_vs_plain"] > 0 and "| hf_trainer |" in done.output
+    for way in ("median_step", "span"):
+        rates = result["tokens_per_s"][way]
+        assert set(rates) == {"elastic_ft", "plain_deepspeed", "hf_trainer"}
+        assert all(v > 0 for v in rates.values())
+    low, high = result["elastic_ft_vs_plain_range"]
+    assert 0 < low <= result["elastic_ft_vs_plain"] <= high and "| hf_trainer |" in done.output
