@@ -159,7 +159,9 @@ def train_worker(config: dict[str, Any]) -> None:
         t_step = time.time()
         indices, next_position = data.global_batch(position, g, cfg.train.seed, cfg.data.shuffle)
         n_trainable = max(1, data.trainable_tokens(indices))
-        loss_sum = 0.0
+        # The loss stays on the device until the step's one all-reduce: a float() per
+        # micro-batch would make the host wait for the device before queueing the next one.
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         real_tokens = 0
         t_data = 0.0
         for slot in rank_slots(indices, world, rank, m, a):
@@ -171,7 +173,7 @@ def train_worker(config: dict[str, Any]) -> None:
             batch = {k: torch.tensor(micro[k], device=device)  # a copy: Ray's arrays are read-only
                      for k in ("input_ids", "labels", "position_ids")}
             t_data += time.time() - t_d
-            real_tokens += int((batch["labels"] != -100).sum())
+            real_tokens += int((micro["labels"] != -100).sum())  # on the host: no device sync
             try:
                 out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                              labels=batch["labels"], use_cache=False,
@@ -184,7 +186,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 ray.get(controller.oom.remote(m, step))
                 raise
             engine.step()
-            loss_sum += float(out.loss.detach())
+            loss_sum += out.loss.detach().float()
         if sigterm.take_notice() is not None:
             controller.preemption_notice.remote(ray.get_runtime_context().get_node_id(), {
                 "source": "sigterm", "kind": "sigterm", "deadline_s": None,
@@ -198,8 +200,9 @@ def train_worker(config: dict[str, Any]) -> None:
         # One small all-reduce per step carries the loss, the token count and whether rank 0
         # holds a controller request; the request itself is broadcast only when one exists.
         # On the device: NCCL groups have no CPU backend.
-        totals = torch.tensor([loss_sum, float(real_tokens), float(request is not None)],
+        totals = torch.tensor([0.0, float(real_tokens), float(request is not None)],
                               device=device)
+        totals[0] = loss_sum
         dist.all_reduce(totals)
         step += 1
         position = next_position
