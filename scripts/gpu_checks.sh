@@ -4,7 +4,7 @@
 # torch.cuda.max_memory_allocated, and the probe against the largest real fit.
 # Needs a CUDA GPU and the project's dependencies importable. Logs and results go to $OUT
 # (default runs/gpu_checks); benchmark files also to benchmarks/results/<gpu>/.
-#   bash scripts/gpu_checks.sh [train|oom|memory|pytest ...]
+#   bash scripts/gpu_checks.sh [train|oom|memory|pytest|bench-scaling|bench-matrix|bench-overhead ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_checks}"; mkdir -p "$OUT"
@@ -54,5 +54,14 @@ for s in $STEPS; do case $s in
           summarise runs/gpu-oom ;;
   memory) step memory 540 python3 benchmarks/memory_accuracy.py --model assets/tiny/model \
             --model assets/medium/model ;;
+  # `elastic-ft bench` on the GPUs there are (one step each: every one fits a 10-min call);
+  # results go to benchmarks/results/<gpu>/ like the CPU ones
+  bench-scaling)  step bench-scaling 540 $EFT bench scaling configs/medium-lora-gpu.yaml \
+            --workers "$(seq -s, 1 "$(nvidia-smi -L | wc -l)")" --steps 20 \
+            --set train.micro_batch=8 ;;
+  bench-matrix)   step bench-matrix 540 $EFT bench matrix configs/medium-lora-gpu.yaml \
+            --workers 1 --zero 2,3 --attn sdpa --set train.micro_batch=4 ;;
+  bench-overhead) step bench-overhead 540 $EFT bench overhead configs/medium-lora-gpu.yaml \
+            --steps 40 --repeats 3 --set train.micro_batch=8 ;;
   *) echo "unknown step $s" ;;
 esac; done
