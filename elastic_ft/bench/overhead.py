@@ -29,12 +29,10 @@ def _throughput(path: Path, warmup_steps: int) -> dict[str, float]:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     timed = [r for r in rows if r["step"] > warmup_steps]
     first = rows[warmup_steps - 1] if warmup_steps else timed[0]
-    span_s = timed[-1]["t"] - first["t"]
-    previous = [first, *timed[:-1]] if warmup_steps else timed[:-1]
-    steps = timed if warmup_steps else timed[1:]
-    step_s = [r["t"] - p["t"] for p, r in zip(previous, steps, strict=True)]
+    steps = timed if warmup_steps else timed[1:]  # each step's time runs from the one before
+    step_s = [r["t"] - p["t"] for p, r in zip([first, *steps[:-1]], steps, strict=True)]
     step_rates = [r["trainable_tokens"] / s for r, s in zip(steps, step_s, strict=True) if s > 0]
-    return {"span": sum(r["trainable_tokens"] for r in steps) / span_s,
+    return {"span": sum(r["trainable_tokens"] for r in steps) / (steps[-1]["t"] - first["t"]),
             "median_step": statistics.median(step_rates), "step_s": statistics.median(step_s)}
 
 
