@@ -103,19 +103,16 @@ def accuracy_multi_rank(model: str, micro: int, zeros: list[int], methods: list[
                         world: int) -> list[dict[str, Any]]:
     """ZeRO's partitioning at world size > 1 (CPU, gloo): every rank measured, the largest
     scored."""
-    import socket
-
     import ray
 
     from elastic_ft.core.optimizer import estimate_for
+    from elastic_ft.resources.local_cluster import free_port
 
     task = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(measure_rank)
     rows = []
     for method, zero in itertools.product(methods, zeros):
         cfg = cell_config(model, method, zero, False, seq, "bf16")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         peaks = ray.get([task.remote(cfg, micro, rank, world, port) for rank in range(world)])
         est = estimate_for(cfg, world, micro, False)
         rows.append({"model": Path(model).parent.name, "method": method, "zero_stage": zero,

@@ -172,7 +172,8 @@ LOOPS = ["elastic_ft", "plain_deepspeed", "hf_trainer"]
 
 def summarise_rounds(rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
     """Medians over rounds of each loop's rates and of elastic_ft's per-round ratios."""
-    out: dict[str, Any] = {"tokens_per_s": {}, "ratios": {}}
+    out: dict[str, Any] = {"tokens_per_s": {}, "ratios": {}, "step_s": {
+        name: statistics.median(r[name]["step_s"] for r in rounds) for name in LOOPS}}
     for way in ("median_step", "span"):
         out["tokens_per_s"][way] = {
             name: statistics.median(r[name][way] for r in rounds) for name in LOOPS}

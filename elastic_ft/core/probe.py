@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any
 import psutil
 
 from elastic_ft.config import RunConfig
+from elastic_ft.resources.local_cluster import free_port
 
 
 class RssPeak:
@@ -109,9 +109,7 @@ def local_process_group(rank: int = 0, world: int = 1, port: int | None = None) 
     if dist.is_initialized():
         return
     if port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
     # DeepSpeed reads the launcher's variables even over an existing process group.
     os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -54,15 +54,12 @@ def start_local_ray(num_cpus: int | None, include_dashboard: bool, log_to_driver
     dashboard, the calls fail at once). It is restored after: a later cluster in this process
     must not inherit it.
     """
-    import socket
-
     import ray
 
     from elastic_ft.resources import sigterm
+    from elastic_ft.resources.local_cluster import free_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     previous = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     try:

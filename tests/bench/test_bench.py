@@ -55,6 +55,8 @@ def test_overhead_rates_by_hand(tmp_path) -> None:
     assert summary["ratios"]["span"]["plain_deepspeed"] == pytest.approx(0.945)
     assert summary["elastic_ft_vs_hf_trainer"] == pytest.approx((97 / 50 + 99 / 33) / 2)
     assert summary["extra_s_per_step"] == pytest.approx(0.02)
+    assert summary["step_s"] == pytest.approx(
+        {"elastic_ft": 1.02, "plain_deepspeed": 1.0, "hf_trainer": 2.5})
 
 
 def test_matmul_peak_is_measured_and_says_so() -> None:
