@@ -104,16 +104,23 @@ def validate_data(paths: tuple[str, ...], fmt: str, seq_len: int, tokenizer: str
 
 @main.command()
 @click.argument("config")
-@click.option("--gpus", default=1, show_default=True, help="workers (GPUs) in the run")
+@click.option("--gpus", default="1", show_default=True,
+              help="workers (GPUs) in the run: a count (with --gpu-mem) or a mixed inventory "
+                   "such as 4xA100-80GB,4xL4-24GB")
 @click.option("--gpu-mem", default="80GiB", show_default=True, help="memory per GPU")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--set", "overrides", multiple=True)
-def plan(config: str, gpus: int, gpu_mem: str, as_json: bool, overrides: tuple[str, ...]) -> None:
-    """Per-worker memory of every method/ZeRO/checkpointing/offload combination; a pick."""
-    from elastic_ft.core.planner import parse_bytes, plan_table, render_table
+def plan(config: str, gpus: str, gpu_mem: str, as_json: bool, overrides: tuple[str, ...]) -> None:
+    """Per-worker memory of every method/ZeRO/checkpointing/offload combination; a pick, and
+    each worker's share of the global batch."""
+    from elastic_ft.core.planner import parse_inventory, plan_table, render_table
 
     cfg = _config(config, overrides)
-    result = plan_table(cfg, gpus, parse_bytes(gpu_mem))
+    try:
+        devices = parse_inventory(gpus, gpu_mem)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--gpus") from None
+    result = plan_table(cfg, devices)
     click.echo(json.dumps(result, indent=2) if as_json else render_table(result))
 
 

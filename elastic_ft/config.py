@@ -148,6 +148,11 @@ class ElasticConfig(_Section):
         default_factory=list,
         description="cloud metadata endpoints to poll for a spot notice: 'aws', 'gcp' or URLs")
     preemption_poll_s: float = Field(default=2.0, gt=0)
+    # re-split the global batch by measured speed when the slowest rank's compute per step
+    # exceeds the fastest's by more than this (0.1 = 10%); null turns balancing off
+    rebalance_threshold: float | None = Field(default=0.1, gt=0)
+    rebalance_window_steps: int = Field(default=5, ge=1, description=(
+        "steps of each rank's speed, after a group's first two, before a rebalance decision"))
 
 
 class RunConfig(_Section):

@@ -61,6 +61,28 @@ def s3_storage():
     server.stop()
 
 
+class FixedCaps:
+    """Micro-batch caps for controller tests: the same cap on every device."""
+
+    def __init__(self, cap: int) -> None:
+        self.value, self.requested = cap, None
+
+    def cap(self, device_type: str, budget_bytes: int) -> tuple[int, str]:
+        return self.value, "fixed"
+
+
+def fleet_for_tests(global_batch: int = 8, cap: int = 4):
+    """A controller's Fleet whose plans need no model: every rank capped at `cap`."""
+    from elastic_ft.resources.fleet import Fleet
+
+    return Fleet(FixedCaps(cap), global_batch, False, 0.9, None, None)
+
+
+def places(*node_ids: str) -> list[dict]:
+    """What each rank of a group reports of where it runs (train_loop.rank_place)."""
+    return [{"node_id": n, "gpu_ids": [], "node_mem_bytes": 16 * 1024**3} for n in node_ids]
+
+
 def losses_by_step(out: Path) -> dict[int, float]:
     """Per-step losses of a run; a step redone after a restart replaces the lost one."""
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]

@@ -45,7 +45,8 @@ def mfu(tokens_per_s: float, flops_per_token_: float, peak_flops_per_s: float,
 
 
 def datasheet_peak(device_name: str) -> PeakFlops | None:
-    for key, peak in DATASHEET_PEAK_FLOPS.items():
+    # the longest name first: "L40S" must not be read as an "L4"
+    for key, peak in sorted(DATASHEET_PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
         if key.lower() in device_name.lower():
             return PeakFlops(peak, f"datasheet: {key} dense bf16")
     return None

@@ -44,7 +44,7 @@ def plain_deepspeed_loop(config: dict[str, Any]) -> None:
     from elastic_ft.core.engine import build_engine
     from elastic_ft.core.model import load_model
     from elastic_ft.data.prepared import DataPosition, PreparedData, rank_slots
-    from elastic_ft.resources.policy import plan_batches
+    from elastic_ft.resources.planning import plan_batches
 
     cfg = RunConfig.model_validate(config["run"])
     ctx = ray.train.get_context()
@@ -52,12 +52,12 @@ def plain_deepspeed_loop(config: dict[str, Any]) -> None:
     data = PreparedData(ray.get(config["blocks_ref"]))
     g, steps = cfg.train.global_batch, config["steps"]
     plan = plan_batches(g, world, int(cfg.train.micro_batch))
-    engine, _ = build_engine(cfg, load_model(cfg), plan, steps, False)
+    engine, _ = build_engine(cfg, load_model(cfg), plan, steps, False, rank)
     position = DataPosition()
     for step in range(1, steps + 1):
         indices, position = data.global_batch(position, g, cfg.train.seed, cfg.data.shuffle)
         n = max(1, data.trainable_tokens(indices))
-        for slot in rank_slots(indices, world, rank, plan.micro_batch, plan.grad_accum):
+        for slot in rank_slots(indices, plan.micro_batches, rank, plan.grad_accum):
             batch = {k: v.to(engine.device) for k, v in data.batch(slot).items()}
             out = engine(**batch, use_cache=False, num_items_in_batch=torch.tensor(
                 n / (world * plan.grad_accum)))
@@ -95,7 +95,7 @@ def hf_trainer_loop(config: dict[str, Any]) -> None:
     )
 
     from elastic_ft.core.model import load_model, tokenizer_path
-    from elastic_ft.resources.policy import plan_batches
+    from elastic_ft.resources.planning import plan_batches
 
     cfg = RunConfig.model_validate(config["run"])
     ctx = ray.train.get_context()
@@ -117,7 +117,7 @@ def hf_trainer_loop(config: dict[str, Any]) -> None:
                             + "\n")
 
     args = TrainingArguments(
-        output_dir=config["out_dir"], per_device_train_batch_size=plan.micro_batch,
+        output_dir=config["out_dir"], per_device_train_batch_size=plan.micro_batch(rank),
         gradient_accumulation_steps=plan.grad_accum, max_steps=config["steps"],
         learning_rate=cfg.optim.lr, lr_scheduler_type="cosine", logging_steps=10**6,
         save_strategy="no", report_to=[], use_cpu=not config["use_gpu"],

@@ -7,11 +7,15 @@ from typing import Any
 
 from elastic_ft.config import RunConfig
 from elastic_ft.core.memory import reduce_bucket_elems
-from elastic_ft.resources.policy import BatchPlan
+from elastic_ft.resources.planning import WorkerPlan
 
 
-def deepspeed_config(cfg: RunConfig, plan: BatchPlan, load_universal: bool,
-                     hidden_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: RunConfig, plan: WorkerPlan, load_universal: bool,
+                     hidden_size: int, rank: int = 0) -> dict[str, Any]:
+    """This rank's engine config. DeepSpeed checks train_batch == micro * accum * world on
+    each rank alone; with an uneven split each rank states its own share as if all ranks had
+    it. Nothing crosses ranks but the shared accumulation, so every rank reaches its one
+    gradient-accumulation boundary per step at the same micro-step."""
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
@@ -26,9 +30,9 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan, load_universal: bool,
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     return {
-        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch(rank),
         "gradient_accumulation_steps": plan.grad_accum,
-        "train_batch_size": plan.global_batch,
+        "train_batch_size": plan.micro_batch(rank) * plan.grad_accum * plan.world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.train.precision == "bf16"},
@@ -58,8 +62,8 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
     return scale
 
 
-def build_engine(cfg: RunConfig, model: Any, plan: BatchPlan, total_steps: int,
-                 load_universal: bool) -> tuple[Any, Any]:
+def build_engine(cfg: RunConfig, model: Any, plan: WorkerPlan, total_steps: int,
+                 load_universal: bool, rank: int = 0) -> tuple[Any, Any]:
     import deepspeed
     import torch
 
@@ -73,6 +77,18 @@ def build_engine(cfg: RunConfig, model: Any, plan: BatchPlan, total_steps: int,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, plan, load_universal, model.config.hidden_size),
+        config=deepspeed_config(cfg, plan, load_universal, model.config.hidden_size, rank),
         dist_init_required=False)
     return engine, scheduler
+
+
+def apply_lr_scale(cfg: RunConfig, plan: WorkerPlan, scheduler: Any) -> None:
+    """After a resume: the scheduler's state from the checkpoint carries the old plan's base
+    learning rate; this plan's global batch may differ (the linear scaling rule), so its own
+    scale is put back, and the current rate recomputed at the restored step."""
+    base = cfg.optim.lr * plan.lr_scale
+    scheduler.base_lrs = [base] * len(scheduler.base_lrs)
+    for group, lr_fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * lr_fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]

@@ -1,15 +1,15 @@
-"""Performance optimizer: the memory budget, the micro-batch cap, and the measured probe.
+"""Performance optimizer: each rank's micro-batch cap from its own memory budget.
 
 `micro_batch: auto` -> the measured probe (`elastic_ft.core.probe`: real DeepSpeed steps at the
-longest sequence for doubling-then-bisected candidates), calibrated against the memory model.
-A fixed micro-batch over the memory model's cap is lowered before any compute is spent.
+longest sequence for doubling-then-bisected candidates), once per device type, on a node of
+that type, calibrated against the memory model. A fixed micro-batch over a rank's cap is
+lowered for that rank before any compute is spent (the controller's plan records it).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
-
-import psutil
 
 from elastic_ft.config import RunConfig
 from elastic_ft.core.memory import (
@@ -19,20 +19,6 @@ from elastic_ft.core.memory import (
     shape_from_config,
 )
 from elastic_ft.core.probe import probe_micro_batch
-
-
-def device_budget_bytes(cfg: RunConfig, use_gpu: bool) -> int:
-    if cfg.train.mem_cap_bytes:
-        return cfg.train.mem_cap_bytes
-    if use_gpu:
-        import torch
-
-        if torch.cuda.is_available():
-            total = torch.cuda.get_device_properties(0).total_memory
-        else:  # the driver may sit on a CPU head node: ask NVML there, else assume 24 GiB
-            total = 24 * 1024**3
-        return int(total * cfg.train.mem_fraction)
-    return int(psutil.virtual_memory().total * cfg.train.mem_fraction / max(1, cfg.workers.max))
 
 
 def model_shape(cfg: RunConfig):
@@ -54,36 +40,71 @@ def estimate_for(cfg: RunConfig, world: int, micro_batch: int, use_gpu: bool = T
         cfg.model.attn_implementation, EngineBuffers.for_shape(shape, use_gpu))
 
 
-def resolve_max_micro_batch(cfg: RunConfig, use_gpu: bool, events: Any) -> tuple[int, int]:
-    """(micro-batch cap, memory budget bytes) for the controller's plans."""
-    budget = device_budget_bytes(cfg, use_gpu)
-    limit = cfg.train.global_batch
+def estimator_settings(cfg: RunConfig, use_gpu: bool) -> dict[str, Any]:
+    """The memory model's settings for this run's workers (all but budget and micro-batch).
+    The smallest world size is assumed: ZeRO's shards are largest there."""
     shape = model_shape(cfg)
-    modelled = max_micro_batch(
-        shape, budget, limit=limit, method=cfg.method.kind, zero_stage=cfg.deepspeed.zero_stage,
-        world=cfg.workers.min, seq_len=cfg.data.seq_len, precision=cfg.train.precision,
-        checkpointing=cfg.model.gradient_checkpointing,
-        offload_optimizer=cfg.deepspeed.offload_optimizer,
-        offload_params=cfg.deepspeed.offload_params, attn=cfg.model.attn_implementation,
-        buffers=EngineBuffers.for_shape(shape, use_gpu))
+    return dict(method=cfg.method.kind, zero_stage=cfg.deepspeed.zero_stage,
+                world=cfg.workers.min, seq_len=cfg.data.seq_len, precision=cfg.train.precision,
+                checkpointing=cfg.model.gradient_checkpointing,
+                offload_optimizer=cfg.deepspeed.offload_optimizer,
+                offload_params=cfg.deepspeed.offload_params, attn=cfg.model.attn_implementation,
+                buffers=EngineBuffers.for_shape(shape, use_gpu))
+
+
+@dataclass
+class MicroBatchCaps:
+    """Each rank's micro-batch cap from its own memory budget.
+
+    A probed device type (`micro_batch: auto`) is capped by its measured peaks: the largest
+    probed size whose reserved peak fits the rank's budget. Any other type by the memory
+    model. A fixed `train.micro_batch` is the most any rank gets.
+    """
+
+    shape: Any
+    settings: dict[str, Any]
+    limit: int  # the global batch: no micro-batch is larger
+    requested: int | None = None  # a fixed train.micro_batch
+    probed: dict[str, dict[int, int | None]] = field(default_factory=dict)  # type -> m -> bytes
+
+    def modelled(self, budget_bytes: int) -> int:
+        return max_micro_batch(self.shape, budget_bytes, limit=self.limit, **self.settings)
+
+    def cap(self, device_type: str, budget_bytes: int) -> tuple[int, str]:
+        """(cap, where it came from); 0 when not even a micro-batch of 1 fits."""
+        if device_type in self.probed:
+            fits = [m for m, peak in self.probed[device_type].items()
+                    if peak is not None and peak <= budget_bytes]
+            cap, source = (max(fits) if fits else 0), "probe"
+        else:
+            cap, source = self.modelled(budget_bytes), "memory model"
+        if self.requested is not None:
+            cap = min(cap, self.requested)
+        return min(cap, self.limit), source
+
+
+def resolve_caps(cfg: RunConfig, use_gpu: bool, budgets_by_type: dict[str, tuple[int, str]],
+                 events: Any) -> MicroBatchCaps:
+    """The caps the controller plans with. `budgets_by_type`: each device type among the nodes
+    that can host a worker -> (largest per-rank budget of that type, a node of that type).
+    `micro_batch: auto` probes once per type, on a node of that type, at that budget; every
+    node of that type reuses the measured peaks against its own budget."""
+    caps = MicroBatchCaps(model_shape(cfg), estimator_settings(cfg, use_gpu),
+                          cfg.train.global_batch)
     if cfg.train.micro_batch != "auto":
-        requested = int(cfg.train.micro_batch)
-        if modelled >= requested:
-            return requested, budget
-        # Over the cap: re-plan with the largest micro-batch the model says fits (more
-        # accumulation keeps the global batch); never start a run that is planned to OOM.
-        chosen = max(1, modelled)
-        events.emit("micro_batch_capped", requested=requested, chosen=chosen,
-                    budget_bytes=budget)
-        return chosen, budget
-    probed = probe_micro_batch(cfg, budget, limit=limit, use_gpu=use_gpu)
-    chosen = max(1, min(probed["largest_fit"] or 1, limit))
-    calibration = calibrate(cfg, probed["peaks"], use_gpu)
-    events.emit("micro_batch_auto", modelled=modelled, probed=probed["largest_fit"],
-                chosen=chosen, budget_bytes=budget, peaks=probed["peaks"],
-                reserved=probed["reserved"],
-                calibration=calibration)
-    return chosen, budget
+        caps.requested = int(cfg.train.micro_batch)
+        return caps
+    for device_type, (budget, node_id) in sorted(budgets_by_type.items()):
+        probed = probe_micro_batch(cfg, budget, limit=caps.limit, use_gpu=use_gpu,
+                                   node_id=node_id)
+        caps.probed[device_type] = {int(m): v for m, v in probed["reserved"].items()}
+        chosen = max(1, min(probed["largest_fit"] or 1, caps.limit))
+        events.emit("micro_batch_auto", device_type=device_type, node_id=node_id,
+                    modelled=caps.modelled(budget), probed=probed["largest_fit"],
+                    chosen=chosen, budget_bytes=budget, peaks=probed["peaks"],
+                    reserved=probed["reserved"],
+                    calibration=calibrate(cfg, probed["peaks"], use_gpu))
+    return caps
 
 
 def calibrate(cfg: RunConfig, peaks: dict[str, int | None], use_gpu: bool) -> dict[str, Any]:

@@ -143,14 +143,14 @@ def measure_candidate(cfg: RunConfig, micro_batch: int, steps: int = 2,
 
     from elastic_ft.core.engine import build_engine
     from elastic_ft.core.model import load_model
-    from elastic_ft.resources.policy import BatchPlan
+    from elastic_ft.resources.planning import WorkerPlan
 
     local_process_group()  # unless the caller already joined a group of several ranks
     world = torch.distributed.get_world_size()
     cuda = torch.cuda.is_available()
-    plan = BatchPlan(world_size=world, micro_batch=micro_batch, grad_accum=1,
-                     global_batch=micro_batch * world,
-                     requested_global_batch=micro_batch * world, lr_scale=1.0, reason="probe")
+    plan = WorkerPlan(micro_batches=(micro_batch,) * world, grad_accum=1,
+                      global_batch=micro_batch * world,
+                      requested_global_batch=micro_batch * world, lr_scale=1.0, reason="probe")
     engine = None
     rss = RssPeak()
     allocations = CpuAllocatedPeak() if cpu_allocations and not cuda else contextlib.nullcontext()
@@ -201,13 +201,18 @@ def largest_passing(passes: Callable[[int], bool], limit: int, start: int = 1) -
 
 
 def probe_micro_batch(cfg: RunConfig, budget_bytes: int, limit: int, use_gpu: bool,
-                      steps: int = 2) -> dict[str, Any]:
+                      steps: int = 2, node_id: str | None = None) -> dict[str, Any]:
     """Largest micro-batch <= `limit` whose measured peak fits `budget_bytes`: doubling, then
-    bisection. Every candidate is a fresh Ray task holding one worker's resources."""
+    bisection. Every candidate is a fresh Ray task holding one worker's resources, on
+    `node_id` when given (a node of the device type being probed)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(num_cpus=0.5, num_gpus=1 if use_gpu else 0, max_retries=0,
                       max_calls=1)(measure_candidate)
+    if node_id is not None:
+        task = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id,
+                                                                               soft=False))
     measured: dict[int, dict[str, int] | None] = {}
 
     def fits(m: int) -> bool:

@@ -1,9 +1,10 @@
 """The per-worker recipe under Ray Train: plan -> model -> engine -> resume -> steps -> save.
 
-Loss normalisation: each micro-batch returns its summed token loss divided by
+Each rank has its own micro-batch (its device's share) and all share one accumulation count.
+Loss normalisation (core/step.py): each micro-batch returns its summed token loss divided by
 N / (W * a), where N is the trainable-token count of the whole global batch. DeepSpeed divides
 by `a` and averages over W ranks, so every step minimises the mean over all N tokens whatever
-the split: resizing the group changes the schedule, not the trajectory.
+the split: resizing the group or re-splitting it changes the schedule, not the trajectory.
 """
 
 from __future__ import annotations
@@ -64,6 +65,25 @@ def hold_to_cuda_cap() -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, int(cap) / total))
 
 
+def rank_place() -> dict[str, Any]:
+    """Where this rank runs, for its plan: node, GPU ids, its own device's total memory (and
+    its node's RAM and budget override, should the node's monitor not have reported yet)."""
+    import psutil
+    import ray
+    import torch
+
+    from elastic_ft.resources.inventory import NODE_BUDGET_ENV
+
+    ctx = ray.get_runtime_context()
+    cuda_total = (torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+                  if torch.cuda.is_available() else None)
+    override = os.environ.get(NODE_BUDGET_ENV)
+    return {"node_id": ctx.get_node_id(), "gpu_ids": list(ctx.get_accelerator_ids().get(
+        "GPU", [])), "cuda_total_bytes": cuda_total, "pid": os.getpid(),
+        "node_mem_bytes": int(psutil.virtual_memory().total),
+        "budget_override_bytes": int(override) if override else None}
+
+
 def train_worker(config: dict[str, Any]) -> None:
     import deepspeed  # noqa: F401  (imported before torch work so its accelerator is chosen once)
     import ray
@@ -71,31 +91,35 @@ def train_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from elastic_ft.core.engine import build_engine
+    from elastic_ft.core.engine import apply_lr_scale, build_engine
     from elastic_ft.core.model import load_model
     from elastic_ft.core.safe_load import weights_only_loads
+    from elastic_ft.core.step import Faults, StepOutOfMemory, train_step
     from elastic_ft.resources import sigterm
+    from elastic_ft.resources.planning import WorkerPlan
+    from elastic_ft.resources.replan_restart import ReplanRestart
 
     sigterm.arm()  # from here a first SIGTERM means "checkpoint now", not "exit now"
     cfg = RunConfig.model_validate(config["run"])
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     controller = config["controller"]
+    faults = Faults.from_env()  # documented fault injection; off unless the node sets it
     torch.manual_seed(cfg.train.seed)
     # the schedule's index of the blocks (trainable tokens, sample ids); the tokens themselves
     # come through Ray Train's dataset shard (data/shards.py)
     data = PreparedData(ray.get(config["index_ref"]))
     total_steps: int = config["total_steps"]
 
-    node_ids = [None] * world
-    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
-    pids = [0] * world
-    dist.all_gather_object(pids, os.getpid())
-    plan = ray.get(controller.plan.remote(world, node_ids)) if rank == 0 else None
-    box = [plan]
+    places: list[Any] = [None] * world
+    dist.all_gather_object(places, rank_place())
+    node_ids, pids = [p["node_id"] for p in places], [p["pid"] for p in places]
+    # each rank's own micro-batch from its own device's budget; one accumulation for all
+    box = [ray.get(controller.plan.remote(places)) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    plan = box[0]
-    m, a, g = plan["micro_batch"], plan["grad_accum"], plan["global_batch"]
+    plan_dict: dict[str, Any] = box[0]
+    plan = WorkerPlan.from_dict(plan_dict)
+    m, a, g = plan.micro_batch(rank), plan.grad_accum, plan.global_batch
 
     checkpoint = newest_checkpoint(cfg, rank, controller)
     state: dict[str, Any] | None = None
@@ -115,8 +139,8 @@ def train_worker(config: dict[str, Any]) -> None:
         ray.get(controller.set_data_schedule.remote({
             "position": state["position"] if state else DataPosition().to_dict(),
             "steps": total_steps - (int(state["step"]) if state else 0), "world_size": world,
-            "micro_batch": m, "grad_accum": a, "global_batch": g, "seed": cfg.train.seed,
-            "shuffle": cfg.data.shuffle}))
+            "micro_batches": list(plan.micro_batches), "grad_accum": a, "global_batch": g,
+            "seed": cfg.train.seed, "shuffle": cfg.data.shuffle}))
     micro_batches = ShardReader(ray.train.get_dataset_shard(SHARD), m, prefetch_batches=a)
     shard_open_s = time.time() - t_shard
 
@@ -125,7 +149,7 @@ def train_worker(config: dict[str, Any]) -> None:
     hold_to_cuda_cap()
     baseline_bytes = peak_mem_bytes()
     model = load_model(cfg)
-    engine, scheduler = build_engine(cfg, model, _plan_obj(plan), total_steps, universal)
+    engine, scheduler = build_engine(cfg, model, plan, total_steps, universal, rank)
     step, position = 0, DataPosition()
     if state is not None and ckpt_dir is not None:
         check_resumable(state, cfg.method.kind, model_fingerprint(engine.module), ckpt_dir)
@@ -134,6 +158,7 @@ def train_worker(config: dict[str, Any]) -> None:
         with weights_only_loads():  # DeepSpeed's loader would unpickle: code could run
             engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                    load_lr_scheduler_states=True)
+        apply_lr_scale(cfg, plan, scheduler)  # the checkpoint carries the old plan's rate
         if universal:  # a full converted copy of the checkpoint: not left behind in /tmp
             shutil.rmtree(load_dir, ignore_errors=True)
         step, position = int(state["step"]), DataPosition(**state["position"])
@@ -141,12 +166,12 @@ def train_worker(config: dict[str, Any]) -> None:
             controller.record.remote("resume", {
                 "step": step, "world_size": world, "from_world_size": state["world_size"],
                 "universal": universal, "load_s": round(time.time() - t0, 3),
-                "position": position.to_dict()})
+                "position": position.to_dict(), "lr": scheduler.get_last_lr()[0]})
     if ckpt_ctx is not None:
         ckpt_ctx.__exit__(None, None, None)
     if rank == 0:
         trainable, total = trainable_parameters(engine.module)
-        controller.record.remote("start", {"world_size": world, "step": step, "plan": plan,
+        controller.record.remote("start", {"world_size": world, "step": step, "plan": plan_dict,
                                            "pids": pids, "nodes": node_ids,
                                            "shard_open_s": round(shard_open_s, 3),
                                            "trainable_params": trainable, "total_params": total})
@@ -154,39 +179,29 @@ def train_worker(config: dict[str, Any]) -> None:
     device = engine.device
     pending_poll = controller.poll.remote() if rank == 0 else None
     t_start, tokens_done, t_last = time.time(), 0, time.time()
+    last_forward_s = 0.0  # the previous step's forward compute (0: none yet)
     log_sample_ids = cfg.train.log_sample_ids
+
+    def next_micro(slot: list[int]) -> dict[str, Any]:
+        micro = micro_batches.next()
+        if micro["slot"].tolist() != slot:  # a stream out of order would train silently
+            raise RuntimeError(f"elastic_ft: rank {rank} step {step + 1} got blocks "
+                               f"{micro['slot'].tolist()}, schedule says {slot}")
+        return micro
+
     while step < total_steps:
         t_step = time.time()
         indices, next_position = data.global_batch(position, g, cfg.train.seed, cfg.data.shuffle)
         n_trainable = max(1, data.trainable_tokens(indices))
-        # The loss stays on the device until the step's one all-reduce: a float() per
-        # micro-batch would make the host wait for the device before queueing the next one.
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        real_tokens = 0
-        t_data = 0.0
-        for slot in rank_slots(indices, world, rank, m, a):
-            t_d = time.time()
-            micro = micro_batches.next()
-            if micro["slot"].tolist() != slot:  # a stream out of order would train silently
-                raise RuntimeError(f"elastic_ft: rank {rank} step {step + 1} got blocks "
-                                   f"{micro['slot'].tolist()}, schedule says {slot}")
-            batch = {k: torch.tensor(micro[k], device=device)  # a copy: Ray's arrays are read-only
-                     for k in ("input_ids", "labels", "position_ids")}
-            t_data += time.time() - t_d
-            real_tokens += int((micro["labels"] != -100).sum())  # on the host: no device sync
-            try:
-                out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                             labels=batch["labels"], use_cache=False,
-                             num_items_in_batch=torch.tensor(n_trainable / (world * a),
-                                                             device=device))
-                engine.backward(out.loss)
-            except torch.OutOfMemoryError:
-                # Same path as a projected OOM: the controller halves the micro-batch and the
-                # group restarts from the last checkpoint with more accumulation.
-                ray.get(controller.oom.remote(m, step))
-                raise
-            engine.step()
-            loss_sum += out.loss.detach().float()
+        try:
+            result = train_step(engine, rank_slots(indices, plan.micro_batches, rank, a),
+                                next_micro, n_trainable, world, a, faults)
+        except StepOutOfMemory as error:
+            # Forward, backward or optimizer step: this rank's device gets a smaller cap and
+            # the group restarts from the newest checkpoint, not counted as a failure.
+            if ray.get(controller.oom.remote(rank, m, step + 1, error.phase)):
+                raise ReplanRestart("memory", str(error)) from error
+            raise
         if sigterm.take_notice() is not None:
             controller.preemption_notice.remote(ray.get_runtime_context().get_node_id(), {
                 "source": "sigterm", "kind": "sigterm", "deadline_s": None,
@@ -197,19 +212,26 @@ def train_worker(config: dict[str, Any]) -> None:
             if ready:
                 request = ray.get(pending_poll)
                 pending_poll = controller.poll.remote()
-        # One small all-reduce per step carries the loss, the token count and whether rank 0
-        # holds a controller request; the request itself is broadcast only when one exists.
-        # On the device: NCCL groups have no CPU backend.
-        totals = torch.tensor([0.0, float(real_tokens), float(request is not None)],
-                              device=device)
-        totals[0] = loss_sum
-        dist.all_reduce(totals)
+        # One small all-gather per step carries every rank's loss, token count, peak memory
+        # and compute time, and whether rank 0 holds a controller request; the request itself
+        # is broadcast only when one exists. On the device: NCCL groups have no CPU backend.
+        # The compute time rides one step late: this step's GPU clock can be read only after
+        # this collective, which a second one per step would cost.
+        mine = torch.tensor([0.0, float(result.real_tokens), float(request is not None),
+                             float(training_mem_bytes(baseline_bytes)), last_forward_s],
+                            dtype=torch.float64, device=device)
+        mine[0] = result.loss_sum
+        gathered = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        last_forward_s = result.forward.seconds()
+        table = torch.stack(gathered).cpu()  # one copy to the host per step
         step += 1
         position = next_position
-        step_loss = totals[0].item() / (world * a)
-        tokens_done += int(totals[1].item())
+        step_loss = table[:, 0].sum().item() / (world * a)
+        step_tokens = int(table[:, 1].sum().item())
+        tokens_done += step_tokens
         now = time.time()
-        if totals[2].item() > 0:
+        if table[:, 2].max().item() > 0:
             box = [request]
             dist.broadcast_object_list(box, src=0)
             request = box[0]
@@ -221,16 +243,18 @@ def train_worker(config: dict[str, Any]) -> None:
                     "ranks_by_node": {k: list(v) for k, v in
                                       info.preempted_node_to_ranks.items()}})
 
+        rank_mem = [int(x) for x in table[:, 3].tolist()]
         metrics = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                   "tokens": tokens_done, "step_s": now - t_step, "data_wait_s": t_data,
-                   "tokens_per_s": totals[1].item() / max(1e-9, now - t_step),
-                   "peak_mem_bytes": peak_mem_bytes(),
-                   "train_mem_bytes": training_mem_bytes(baseline_bytes), "world_size": world,
-                   "epoch": position.epoch}
+                   "tokens": tokens_done, "step_s": now - t_step,
+                   "data_wait_s": result.data_wait_s,
+                   "tokens_per_s": step_tokens / max(1e-9, now - t_step),
+                   "peak_mem_bytes": peak_mem_bytes(), "train_mem_bytes": max(rank_mem),
+                   "world_size": world, "epoch": position.epoch}
         if rank == 0:
-            controller.metrics.remote(dict(metrics, t=now, trained_real_tokens=int(totals[1].item()),
-                                           sample_ids=data.sample_ids(indices)
-                                           if log_sample_ids else None))
+            controller.metrics.remote(dict(
+                metrics, t=now, trained_real_tokens=step_tokens, rank_mem_bytes=rank_mem,
+                rank_forward_s=[round(x, 6) for x in table[:, 4].tolist()],
+                sample_ids=data.sample_ids(indices) if log_sample_ids else None))
             if now - t_last > 1.0 or step == total_steps or step == 1:
                 eta = (now - t_start) / max(1, step - int(state["step"] if state else 0)) * (
                     total_steps - step)
@@ -246,8 +270,9 @@ def train_worker(config: dict[str, Any]) -> None:
                     "step": step, "reason": request["kind"]})
             # A just-in-time checkpoint must be in storage before the group restarts: sync.
             sync = request is not None or cfg.checkpoint.upload == "sync"
-            save_and_report(engine, cfg, metrics, step, position, world, rank, plan, controller,
-                            sync, jit_kind=request["kind"] if request is not None else None)
+            save_and_report(engine, cfg, metrics, step, position, world, rank, plan_dict,
+                            controller, sync,
+                            jit_kind=request["kind"] if request is not None else None)
             if request is not None and request.get("restart") and step < total_steps:
                 wait_for_restart(cfg, request)
         # No ray.train.report() on other steps: in Ray Train V2 every report is a barrier
@@ -262,12 +287,3 @@ def train_worker(config: dict[str, Any]) -> None:
         controller.record.remote("end", {"step": step, "world_size": world,
                                          "peak_mem_bytes": all_peaks,
                                          "wall_s": round(time.time() - t_start, 3)})
-
-
-def _plan_obj(plan: dict[str, Any]):
-    from elastic_ft.resources.policy import BatchPlan
-
-    fields = {k: plan[k] for k in BatchPlan.__dataclass_fields__}
-    return BatchPlan(**fields)
-
-

@@ -100,15 +100,18 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from elastic_ft.core.optimizer import resolve_max_micro_batch
+    from elastic_ft.core.devices import budgets_by_type, wait_for_inventory
+    from elastic_ft.core.optimizer import resolve_caps
     from elastic_ft.core.train_loop import train_worker
     from elastic_ft.data.pipeline import prepare_data
     from elastic_ft.data.shards import SHARD, ScheduledShards
     from elastic_ft.resources.controller import CONTROLLER_NAME, ElasticController
+    from elastic_ft.resources.fleet import Fleet
+    from elastic_ft.resources.inventory import render_inventory
+    from elastic_ft.resources.replan_restart import ElasticTorchTrainer
     from elastic_ft.resources.restart_gate import CheckpointBeforeResize
 
     t0 = time.time()
@@ -132,32 +135,41 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         print(report.table(), flush=True)
         total_steps = total_steps_for(cfg, len(prepared))
         use_gpu = resolve_use_gpu(cfg)
-        max_micro, mem_budget = resolve_max_micro_batch(cfg, use_gpu, events)
         storage = cfg.resolved_storage_path()
         # Which checkpoint to resume (a re-run, a restart, a resize) is decided in one place:
         # rank 0 verifies the storage when the group starts (worker_checkpoint.py).
-        events.emit("run_start", total_steps=total_steps, use_gpu=use_gpu,
-                    max_micro_batch=max_micro)
+        events.emit("run_start", total_steps=total_steps, use_gpu=use_gpu)
 
         resources = dict(cfg.workers.resources_per_worker) or (
             {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
         here = ray.get_runtime_context().get_node_id()
+        fleet = Fleet(None, cfg.train.global_batch, use_gpu, cfg.train.mem_fraction,
+                      cfg.train.mem_cap_bytes, cfg.elastic.rebalance_threshold,
+                      cfg.elastic.rebalance_window_steps)
         controller = ray.remote(ElasticController).options(
             name=f"{CONTROLLER_NAME}_{os.getpid()}_{int(t0)}", num_cpus=0, max_concurrency=16,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-        ).remote(str(out), cfg.train.global_batch, max_micro, cfg.workers.min, cfg.workers.max,
-                 resources, cfg.elastic.monitor_interval_s, mem_budget,
+        ).remote(str(out), fleet, cfg.workers.min, cfg.workers.max,
+                 resources, cfg.elastic.monitor_interval_s, 8,
                  cfg.elastic.jit_checkpoint_on_join, True, cfg.elastic.restart_wait_s,
                  cfg.elastic.preemption_urls, cfg.elastic.preemption_poll_s,
                  storage, cfg.checkpoint.keep)
-        ray.get(controller.ping.remote())
+        # Each rank's budget comes from its own node's monitor: the inventory first, then the
+        # micro-batch caps per device type (probed on a node of that type under `auto`).
+        inventory = wait_for_inventory(controller, resources)
+        print(render_inventory(inventory), flush=True)
+        events.emit("inventory", nodes=inventory)
+        caps = resolve_caps(cfg, use_gpu, budgets_by_type(
+            cfg, use_gpu, resources, ray.get(controller.samples.remote())), events)
+        ray.get(controller.set_caps.remote(caps))
         num_workers: int | tuple[int, int] = (
             cfg.workers.min if cfg.workers.min == cfg.workers.max
             else (cfg.workers.min, cfg.workers.max))
         # a grow's restart waits for the workers' just-in-time checkpoint (restart_gate.py)
         gate = ([CheckpointBeforeResize(controller, cfg.elastic.jit_checkpoint_timeout_s)]
                 if isinstance(num_workers, tuple) and cfg.elastic.jit_checkpoint_on_join else [])
-        trainer = TorchTrainer(
+        # a memory re-plan or rebalance restart is not counted as a failure
+        trainer = ElasticTorchTrainer(
             train_worker,
             train_loop_config={"run": cfg.to_dict(), "controller": controller,
                                "index_ref": ray.put(prepared.table.select(

@@ -108,10 +108,13 @@ def wait_for_restart(cfg: RunConfig, request: dict[str, Any]) -> None:
 
     Steps trained now would be lost at the restart. A grow's restart follows at once (Ray
     Train waited for this checkpoint); a drain's when the node goes; if it never comes,
-    training simply continues.
+    training simply continues. A re-plan (memory, rebalance) restarts the group itself, and
+    Ray Train does not count it as a failure (resources/replan_restart.py).
     """
-    if request.get("kind") == "memory":
-        raise RuntimeError("elastic_ft: re-planning micro-batch after memory pressure")
+    if request.get("kind") in ("memory", "rebalance"):
+        from elastic_ft.resources.replan_restart import ReplanRestart
+
+        raise ReplanRestart(request["kind"], request.get("reason", ""))
     deadline = time.time() + cfg.elastic.restart_wait_s
     while time.time() < deadline:
         time.sleep(0.5)

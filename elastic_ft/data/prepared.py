@@ -9,7 +9,7 @@ no sample repeated or skipped, and the position is two integers in the checkpoin
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ def next_global_batch(order: list[int], position: DataPosition,
 
 
 def rank_stream(n_blocks: int, position: DataPosition, steps: int, global_batch: int, seed: int,
-                shuffle: bool, world_size: int, rank: int, micro_batch: int,
+                shuffle: bool, micro_batches: Sequence[int], rank: int,
                 grad_accum: int) -> list[int]:
     """Every block slot this rank trains in the next `steps` steps, in order: its
     micro-batches of each global batch, back to back (PAD_SLOT where a batch runs short)."""
@@ -76,7 +76,7 @@ def rank_stream(n_blocks: int, position: DataPosition, steps: int, global_batch:
         if position.epoch != epoch:
             order, epoch = epoch_order(n_blocks, position.epoch, seed, shuffle), position.epoch
         chosen, position = next_global_batch(order, position, global_batch)
-        for micro in rank_slots(chosen, world_size, rank, micro_batch, grad_accum):
+        for micro in rank_slots(chosen, micro_batches, rank, grad_accum):
             slots.extend(micro)
     return slots
 
@@ -144,15 +144,18 @@ def take_blocks(table: pa.Table, slots: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def rank_slots(global_indices: list[int], world_size: int, rank: int, micro_batch: int,
+def rank_slots(global_indices: list[int], micro_batches: Sequence[int], rank: int,
                grad_accum: int) -> list[list[int]]:
-    """This rank's micro-batches: slot (j*W + r) of width m; short batches padded with PAD_SLOT."""
-    width = micro_batch * grad_accum * world_size
-    padded = list(global_indices) + [PAD_SLOT] * (width - len(global_indices))
-    return [
-        padded[(j * world_size + rank) * micro_batch: (j * world_size + rank + 1) * micro_batch]
-        for j in range(grad_accum)
-    ]
+    """This rank's micro-batches of one global batch. Micro-step j holds the slots
+    [j*M, (j+1)*M) (M = sum of the ranks' micro-batches), rank r the `micro_batches[r]` of them
+    after the lower ranks' share; a short batch is padded with PAD_SLOT. With alike ranks this
+    is slot (j*W + r) of width m."""
+    per_micro = sum(micro_batches)
+    start = sum(micro_batches[:rank])
+    width = micro_batches[rank]
+    padded = list(global_indices) + [PAD_SLOT] * (per_micro * grad_accum - len(global_indices))
+    return [padded[j * per_micro + start: j * per_micro + start + width]
+            for j in range(grad_accum)]
 
 
 def gather_blocks(batch: dict[str, np.ndarray], refs: list[Any],

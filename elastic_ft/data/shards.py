@@ -56,9 +56,8 @@ def rank_dataset(refs: list[Any], n_blocks: int, schedule: dict[str, Any], rank:
 
     slots = rank_stream(n_blocks, DataPosition(**schedule["position"]), schedule["steps"],
                         schedule["global_batch"], schedule["seed"], schedule["shuffle"],
-                        schedule["world_size"], rank, schedule["micro_batch"],
-                        schedule["grad_accum"])
-    per_step = schedule["micro_batch"] * schedule["grad_accum"]
+                        schedule["micro_batches"], rank, schedule["grad_accum"])
+    per_step = schedule["micro_batches"][rank] * schedule["grad_accum"]
     # At most MAX_ITEMS items, whatever the run's length (a 100k-step run made 6250 blocks
     # here and took 16 s per group start); each task yields STEPS_PER_BLOCK steps at a time.
     per_item = per_step * max(STEPS_PER_BLOCK, -(-schedule["steps"] // max_items))

@@ -1,11 +1,14 @@
 """`ElasticController`: one named actor holding the cluster picture and logging every decision.
 
-It moves messages only; the decisions are the pure functions in `policy.py`. Workers call
-`plan()` on every (re)start, `poll()` once per step (non-blocking on their side), `metrics()`
-after each step, `uploaded()` when a rank's checkpoint is in storage. A background thread
-watches nodes (joins, losses, drains) and keeps one `ResourceMonitor` on each node: a drain
-raises a just-in-time checkpoint request; a join has Ray re-read the cluster at once, and Ray
-Train's restart then waits in `checkpoint_before_restart` for the checkpoint (restart_gate.py).
+It moves messages only; the decisions are pure (`policy.py`, `planning.py`) and the per-device
+bookkeeping is `fleet.Fleet`. Workers call `plan()` on every (re)start with where each rank
+runs, `poll()` once per step (non-blocking on their side), `metrics()` after each step with
+every rank's peak memory and compute time, `uploaded()` when a rank's checkpoint is in storage.
+A background thread watches nodes (joins, losses, drains) and keeps one `ResourceMonitor` on
+each node, whose samples are the node inventory the plans are made from: a drain raises a
+just-in-time checkpoint request; a join has Ray re-read the cluster at once, and Ray Train's
+restart then waits in `checkpoint_before_restart` for the checkpoint (restart_gate.py); a
+rank near its memory budget, or much slower than the others, gets a new per-worker plan.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from elastic_ft.events import EventLog
-from elastic_ft.resources.policy import memory_pressure, plan_batches, resize_decision
+from elastic_ft.resources.fleet import Fleet
+from elastic_ft.resources.inventory import RankPlace, inventory_row
+from elastic_ft.resources.policy import resize_decision
 from elastic_ft.resources.restart_gate import refresh_ray_reservations
 
 CONTROLLER_NAME = "elastic_ft_controller"
@@ -26,9 +31,9 @@ NAMESPACE = "elastic_ft"
 
 
 class ElasticController:
-    def __init__(self, output_dir: str, global_batch: int, max_micro_batch: int,
+    def __init__(self, output_dir: str, fleet: Fleet,
                  min_workers: int, max_workers: int, resources_per_worker: dict[str, float],
-                 monitor_interval_s: float = 1.0, mem_budget_bytes: int | None = None,
+                 monitor_interval_s: float = 1.0, max_rebalances: int = 8,
                  jit_on_resize: bool = True, start_monitors: bool = True,
                  restart_wait_s: float = 45.0, preemption_urls: list[str] | None = None,
                  preemption_poll_s: float = 2.0, checkpoint_storage: str | None = None,
@@ -36,12 +41,11 @@ class ElasticController:
         self.out = Path(output_dir)
         self.events = EventLog(self.out / "events.jsonl")
         self.metrics_path = self.out / "metrics.jsonl"
-        self.global_batch = global_batch
-        self.max_micro_batch = max_micro_batch
+        self.fleet = fleet
+        self.rebalances_left = max_rebalances
         self.min_workers, self.max_workers = min_workers, max_workers
         self.resources_per_worker = resources_per_worker
         self.monitor_interval_s = monitor_interval_s
-        self.mem_budget_bytes = mem_budget_bytes
         self.jit_on_resize = jit_on_resize
         self.restart_wait_s = restart_wait_s
         # after a resize checkpoint, hold further requests while Ray Train restarts the group
@@ -62,10 +66,9 @@ class ElasticController:
         self.jit_done = threading.Event()
         self.refreshed_for: tuple[int, int] | None = None
         self.schedule: dict[str, Any] | None = None  # the group's data start (data/shards.py)
-        self.peaks: deque[int] = deque(maxlen=50)
         self.history: deque[dict[str, Any]] = deque(maxlen=200)
-        self.node_samples: dict[str, dict[str, Any]] = {}
         self.nodes: set[str] = set()
+        self.joined: set[str] = set()  # nodes that joined after the start: node_join pending
         self.draining: dict[str, int] = {}
         self.monitors: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -75,20 +78,27 @@ class ElasticController:
             threading.Thread(target=self._watch_loop, daemon=True).start()
 
     # -- called by workers -------------------------------------------------------------
-    def plan(self, world_size: int, worker_node_ids: list[str] | None = None) -> dict[str, Any]:
+    def plan(self, places: list[dict[str, Any]]) -> dict[str, Any]:
+        """A new group's per-worker plan, from each rank's own device (`places`: what each
+        rank reported of where it runs, in rank order)."""
+        rank_places = [RankPlace.from_dict(p) for p in places]
+        world_size = len(rank_places)
         with self._lock:
             previous = self.world_size
             missed = self.pending
-            plan = plan_batches(self.global_batch, world_size, self.max_micro_batch)
+            plan, capped = self.fleet.new_group(rank_places)
             self.world_size = world_size
-            self.worker_nodes = set(worker_node_ids or [])
+            self.worker_nodes = {p.node_id for p in rank_places}
             self.pending = None
             self.resize_hold_until = 0.0
             self.trained_step = None
             self.refreshed_for = None
             self.uploads.clear()  # an old group's partial uploads must not count for this one
-            self.current_plan = plan.to_dict()
-        if missed is not None:
+            self.current_plan = dict(plan.to_dict(),
+                                     ranks=[d.to_dict() for d in self.fleet.ranks])
+        for event in capped:
+            self.events.emit(event.pop("event"), **event)
+        if missed is not None and missed.get("kind") not in ("memory", "rebalance"):
             # Ray Train restarted the group before the workers took the requested checkpoint
             # (it can see a joining node first): the steps since the last checkpoint are lost
             self.events.emit("jit_checkpoint_missed", **missed)
@@ -165,28 +175,31 @@ class ElasticController:
             f.write(json.dumps(record) + "\n")
         self.history.append(record)
         self.trained_step = int(record["step"])
-        peak = record.get("train_mem_bytes", record.get("peak_mem_bytes"))
-        if peak and self.mem_budget_bytes and self.current_plan:
-            self.peaks.append(int(peak))
-            decision = memory_pressure(list(self.peaks), self.mem_budget_bytes,
-                                       self.current_plan["micro_batch"])
-            if decision.replan:
-                self._shrink_micro_batch(decision.new_max_micro_batch, decision.reason)
-
-    def oom(self, micro_batch: int, step: int) -> None:
-        """An OOM that happened anyway: same re-plan as a projected one; the group restarts."""
-        self.events.emit("oom", micro_batch=micro_batch, step=step)
-        self._shrink_micro_batch(max(1, micro_batch // 2), "out of memory", checkpoint=False)
-
-    def _shrink_micro_batch(self, new_cap: int, reason: str, checkpoint: bool = True) -> None:
         with self._lock:
-            if new_cap >= self.max_micro_batch and self.pending:
+            if self.pending is not None:  # one request at a time; the group restarts anyway
                 return
-            self.max_micro_batch = new_cap
-            self.peaks.clear()
-            if checkpoint:
-                self.pending = {"kind": "memory", "restart": True, "reason": reason}
-        self.events.emit("replan_memory", max_micro_batch=new_cap, reason=reason)
+            replan = self.fleet.observe(record.get("rank_mem_bytes"),
+                                        record.get("rank_forward_s"),
+                                        rebalance_allowed=self.rebalances_left > 0)
+            if replan is None:
+                return
+            self.rebalances_left -= replan.kind == "rebalance"
+            self.pending = {"kind": replan.kind, "restart": True, "reason": replan.reason}
+        name = "replan_memory" if replan.kind == "memory" else "rebalance"
+        self.events.emit(name, step=self.trained_step, reason=replan.reason, **replan.event)
+
+    def oom(self, rank: int, micro_batch: int, step: int, phase: str) -> bool:
+        """An OOM that happened anyway, in any phase of a step: that rank's device gets half
+        the micro-batch from now on, and the group restarts from the newest checkpoint.
+        False when the rank was already at 1 (nothing left to re-plan: a real failure)."""
+        self.events.emit("oom", rank=rank, micro_batch=micro_batch, step=step, phase=phase)
+        if micro_batch <= 1:
+            return False
+        with self._lock:
+            cap = self.fleet.lower_cap(rank, micro_batch // 2)
+        self.events.emit("replan_memory", rank=rank, max_micro_batch=cap, step=step,
+                         reason=f"out of memory in {phase}")
+        return True
 
     def _prune(self) -> None:
         from elastic_ft.core.checkpoint import prune_checkpoints, run_storage
@@ -204,7 +217,26 @@ class ElasticController:
 
     # -- cluster picture ---------------------------------------------------------------
     def node_sample(self, sample: dict[str, Any]) -> None:
-        self.node_samples[sample["node_id"]] = sample
+        node_id = sample["node_id"]
+        with self._lock:
+            self.fleet.samples[node_id] = sample
+            joined = node_id in self.joined
+            self.joined.discard(node_id)
+        if joined:  # a node that joined the run: its inventory with the event
+            self.events.emit("node_join", **inventory_row(sample))
+
+    def set_caps(self, caps: Any) -> None:
+        """The driver's micro-batch caps per device (core.optimizer.MicroBatchCaps), sized
+        from this controller's inventory before the first group starts."""
+        self.fleet.caps = caps
+
+    def samples(self) -> dict[str, dict[str, Any]]:
+        return dict(self.fleet.samples)
+
+    def inventory(self) -> list[dict[str, Any]]:
+        """The nodes alive now, as their monitors last described them."""
+        return [inventory_row(self.fleet.samples[n]) for n in sorted(self.nodes)
+                if n in self.fleet.samples]
 
     def preemption_notice(self, node_id: str, notice: dict[str, Any]) -> None:
         """A cloud metadata notice from a node's monitor: handled like a Ray drain."""
@@ -213,11 +245,6 @@ class ElasticController:
         self.events.emit("preemption_notice", node_id=node_id, source=notice["source"],
                          cloud=notice["kind"], deadline_s=deadline_s, detail=notice["detail"])
         self._watch_nodes()
-
-    def picture(self) -> dict[str, Any]:
-        return {"nodes": sorted(self.nodes), "world_size": self.world_size,
-                "plan": self.current_plan, "pending": self.pending,
-                "draining": self.draining, "samples": self.node_samples}
 
     def request_checkpoint(self, kind: str, restart: bool, reason: str) -> None:
         with self._lock:
@@ -242,8 +269,8 @@ class ElasticController:
 
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         for node_id in sorted(alive - self.nodes):
-            if not initial:
-                self.events.emit("node_join", node_id=node_id)
+            if not initial:  # node_join is logged with the monitor's first sample
+                self.joined.add(node_id)
             self._start_monitor(node_id)
         for node_id in sorted(self.nodes - alive):
             self.events.emit("node_lost", node_id=node_id)

@@ -44,11 +44,14 @@ class FakeNodeCluster:
         ray.init(address=self.cluster.address, log_to_driver=False,
                  runtime_env=sigterm.RUNTIME_ENV)
 
-    def add_node(self, env_vars: dict[str, str] | None = None) -> Any:
+    def add_node(self, env_vars: dict[str, str] | None = None,
+                 labels: dict[str, str] | None = None) -> Any:
         """Main thread only: Ray's node start installs signal handlers. `env_vars` reach
-        every process of that node only (e.g. its own cloud metadata endpoint)."""
+        every process of that node only (its own cloud metadata endpoint, or the documented
+        fault injection: ELASTIC_FT_NODE_MEM_BUDGET_BYTES, ELASTIC_FT_FAULT_SLOWDOWN, ...);
+        `labels` are its Ray node labels (ray.io/market-type, ray.io/accelerator-type)."""
         node = self.cluster.add_node(num_cpus=1, resources={TRAINER_RESOURCE: 1},
-                                     env_vars=env_vars)
+                                     env_vars=env_vars, labels=labels or {})
         self.cluster.wait_for_nodes()
         if hasattr(self, "nodes"):
             self.nodes.append(node)

@@ -1,11 +1,15 @@
 """`ResourceMonitor`: one actor pinned to each node, sampling GPUs (NVML), CPU and RAM.
 
-On a node with no NVML library or no GPU it logs one line and reports CPU/RAM only.
+Each sample is also the node's inventory: device type and memory per GPU, CPU cores, RAM, the
+node's Ray labels, and the fault-injection budget override (`ELASTIC_FT_NODE_MEM_BUDGET_BYTES`
+in the node's environment). On a node with no NVML library or no GPU it logs one line and
+reports CPU/RAM only.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,6 +40,8 @@ class NodeSample:
     mem_used_bytes: int
     gpus: list[GpuSample] = field(default_factory=list)
     nvml: str = "ok"
+    labels: dict[str, str] = field(default_factory=dict)
+    mem_budget_override_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,12 +84,26 @@ class NvmlReader:
         return gpus
 
 
-def sample_node(node_id: str, nvml: NvmlReader) -> NodeSample:
+def node_labels() -> dict[str, str]:
+    try:
+        import ray
+
+        return dict(ray.get_runtime_context().get_node_labels())
+    except Exception:  # outside Ray (a unit test), or an old Ray
+        return {}
+
+
+def sample_node(node_id: str, nvml: NvmlReader, labels: dict[str, str] | None = None
+                ) -> NodeSample:
+    from elastic_ft.resources.inventory import NODE_BUDGET_ENV
+
     vm = psutil.virtual_memory()
+    override = os.environ.get(NODE_BUDGET_ENV)
     return NodeSample(node_id=node_id, t=time.time(), cpu_pct=psutil.cpu_percent(interval=None),
                       cpu_count=psutil.cpu_count() or 1, mem_total_bytes=int(vm.total),
                       mem_used_bytes=int(vm.total - vm.available), gpus=nvml.sample(),
-                      nvml=nvml.status)
+                      nvml=nvml.status, labels=labels or {},
+                      mem_budget_override_bytes=int(override) if override else None)
 
 
 class ResourceMonitor:
@@ -100,6 +120,7 @@ class ResourceMonitor:
         self.controller = controller
         self.interval_s = interval_s
         self.nvml = NvmlReader()
+        self.labels = node_labels()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -111,7 +132,8 @@ class ResourceMonitor:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.controller.node_sample.remote(sample_node(self.node_id, self.nvml).to_dict())
+                self.controller.node_sample.remote(
+                    sample_node(self.node_id, self.nvml, self.labels).to_dict())
             except Exception:  # controller gone: the run is over
                 return
             self._stop.wait(self.interval_s)
@@ -130,7 +152,7 @@ class ResourceMonitor:
                 return
 
     def sample(self) -> dict[str, Any]:
-        return sample_node(self.node_id, self.nvml).to_dict()
+        return sample_node(self.node_id, self.nvml, self.labels).to_dict()
 
     def stop(self) -> None:
         self._stop.set()

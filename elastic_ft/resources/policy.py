@@ -1,4 +1,5 @@
-"""Pure decisions of the elastic controller: batch plans, resize and memory-pressure reactions.
+"""Pure decisions of the elastic controller: resize and memory-pressure reactions (batch plans:
+`planning.py`).
 
 Shaped like Ray Train V2's scaling/failure policies: plain inputs in, a frozen decision
 dataclass out, no Ray, so every rule is unit-tested over many world sizes and caps.
@@ -6,62 +7,7 @@ dataclass out, no Ray, so every rule is unit-tested over many world sizes and ca
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
-
-
-class PlanError(ValueError):
-    """No micro-batch of at least 1 fits."""
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    world_size: int
-    micro_batch: int
-    grad_accum: int
-    global_batch: int  # what is actually trained per step: micro * accum * world
-    requested_global_batch: int
-    lr_scale: float  # linear scaling rule when the global batch had to move
-    reason: str
-
-    @property
-    def deviation(self) -> int:
-        return self.global_batch - self.requested_global_batch
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(asdict(self), deviation=self.deviation)
-
-
-def plan_batches(global_batch: int, world_size: int, max_micro_batch: int) -> BatchPlan:
-    """Split `global_batch` over `world_size` workers with micro-batch <= `max_micro_batch`.
-
-    Rule: the largest micro-batch m <= cap with m * a * W == global_batch exactly. When W does
-    not divide the global batch, take the feasible m * a * W nearest to it (ties: the smaller
-    global batch, then the larger m), and scale the learning rate by G' / G so the per-sample
-    step size is kept (the linear scaling rule, Goyal et al. 2017). The deviation is recorded.
-    """
-    if world_size < 1 or global_batch < 1:
-        raise PlanError(f"world_size ({world_size}) and global_batch ({global_batch}) must be >= 1")
-    if max_micro_batch < 1:
-        raise PlanError(f"no micro-batch fits: memory cap allows {max_micro_batch}")
-    cap = min(max_micro_batch, global_batch)
-    if global_batch % world_size == 0:
-        per_worker = global_batch // world_size
-        for m in range(min(cap, per_worker), 0, -1):
-            if per_worker % m == 0:
-                return BatchPlan(world_size, m, per_worker // m, global_batch, global_batch, 1.0,
-                                 "exact")
-    best: tuple[int, int, int, int] | None = None  # (|dev|, G', -m, a)
-    for m in range(1, cap + 1):
-        for a in {max(1, global_batch // (m * world_size)), -(-global_batch // (m * world_size))}:
-            actual = m * a * world_size
-            key = (abs(actual - global_batch), actual, -m, a)
-            if best is None or key < best:
-                best = key
-    assert best is not None
-    _, actual, neg_m, accum = best
-    return BatchPlan(world_size, -neg_m, accum, actual, global_batch, actual / global_batch,
-                     f"{world_size} workers cannot split {global_batch} exactly; nearest {actual}")
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,22 @@ output_dir: {tmp_path / 'out'}
     big = json.loads(CliRunner().invoke(main, ["plan", str(cfg), "--gpus", "8", "--gpu-mem",
                                                "80GiB", "--json"]).output)["recommendation"]
     assert (big["method"], big["zero_stage"], big["gradient_checkpointing"]) == ("lora", 2, False)
+    # a mixed fleet: each worker its own micro-batch, every worker's device fits it, the
+    # faster and larger A100s take more of the global batch than the L4s
+    mixed = CliRunner().invoke(main, ["plan", str(cfg), "--gpus", "4xA100-80GB,4xL4-24GB",
+                                      "--json"])
+    assert mixed.exit_code == 0, mixed.output
+    rec = json.loads(mixed.output)["recommendation"]
+    shares = rec["workers"]
+    assert [w["device"] for w in shares] == ["A100"] * 4 + ["L4"] * 4
+    assert sum(w["samples"] for w in shares) == 64 == rec["effective_global_batch"]
+    caps = rec["max_micro_batch_by_device"]
+    assert all(w["micro_batch"] <= caps[w["device"]] for w in shares)
+    assert shares[0]["samples"] > shares[-1]["samples"] and rec["split_by"].startswith("data")
+    table = CliRunner().invoke(main, ["plan", str(cfg), "--gpus", "4xA100-80GB,4xL4-24GB"])
+    assert "4 x L4" in table.output and "each worker's share" in table.output
+    bad = CliRunner().invoke(main, ["plan", str(cfg), "--gpus", "4xA100"])
+    assert bad.exit_code != 0 and "COUNTxNAME-MEM" in bad.output
 
 
 MEDIUM = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=16,
@@ -117,7 +133,7 @@ def test_engine_buckets_are_the_ones_the_model_counts(tmp_path) -> None:
     from elastic_ft.config import load_config
     from elastic_ft.core.engine import deepspeed_config
     from elastic_ft.core.memory import EngineBuffers
-    from elastic_ft.resources.policy import plan_batches
+    from elastic_ft.resources.planning import plan_batches
 
     shape = shape_from_config(LlamaConfig(**LLAMA2_7B))
     for stage in (1, 2, 3):

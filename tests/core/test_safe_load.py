@@ -25,14 +25,14 @@ def _engine(tiny_assets: Path, zero_stage: int, method: str = "full"):
     from elastic_ft.core.engine import build_engine
     from elastic_ft.core.model import load_model
     from elastic_ft.core.probe import local_process_group
-    from elastic_ft.resources.policy import BatchPlan
+    from elastic_ft.resources.planning import WorkerPlan
 
     local_process_group()
     cfg = load_config(ROOT / "configs" / "tiny-lora-cpu.yaml", {
         "model.name_or_path": str(tiny_assets), "method.kind": method,
         "deepspeed.zero_stage": zero_stage})
-    plan = BatchPlan(world_size=1, micro_batch=1, grad_accum=1, global_batch=1,
-                     requested_global_batch=1, lr_scale=1.0, reason="test")
+    plan = WorkerPlan(micro_batches=(1,), grad_accum=1, global_batch=1,
+                      requested_global_batch=1, lr_scale=1.0, reason="test")
     engine, _ = build_engine(cfg, load_model(cfg), plan, total_steps=4, load_universal=False)
     return engine
 

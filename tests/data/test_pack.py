@@ -48,12 +48,11 @@ def test_resume_at_other_world_size_covers_each_sample_once(tmp_path) -> None:
     global_batch = 3
     seen: list[int] = []
     position = DataPosition()
-    for world in [2, 2, 1]:  # two steps at W=2, resume at W=1
+    # two steps at W=2 split unevenly (2 + 1), then a resume at W=1
+    for micro_batches, accum in [((2, 1), 1), ((1, 2), 1), ((1,), 3)]:
         indices, position = data.global_batch(position, global_batch, seed=7, shuffle=True)
-        micro = 1 if world == 2 else 3
-        accum = global_batch // (micro * world) if global_batch % world == 0 else 2
-        for rank in range(world):
-            for slot in rank_slots(indices, world, rank, micro, accum):
+        for rank in range(len(micro_batches)):
+            for slot in rank_slots(indices, micro_batches, rank, accum):
                 seen.extend(i for i in slot if i != PAD_SLOT)
     assert sorted(seen) == list(range(len(data)))
     assert position == DataPosition(epoch=1, consumed=0)

@@ -31,9 +31,11 @@ def _prepared(tmp_path, n_samples: int = 23) -> PreparedData:
     return PreparedData.open(tmp_path)
 
 
-@pytest.mark.parametrize(("world", "micro", "accum", "global_batch"),
-                         [(1, 4, 2, 8), (2, 2, 2, 8), (3, 1, 3, 8), (4, 2, 1, 8), (2, 3, 1, 5)])
-def test_rank_stream_is_the_schedule_step_by_step(tmp_path, world, micro, accum, global_batch):
+@pytest.mark.parametrize(("micro", "accum", "global_batch"),
+                         [((4,), 2, 8), ((2, 2), 2, 8), ((1, 1, 1), 3, 8), ((2, 2, 2, 2), 1, 8),
+                          ((3, 3), 1, 5), ((3, 1), 2, 8), ((1, 2, 1), 2, 8), ((5, 2, 1), 1, 8)])
+def test_rank_stream_is_the_schedule_step_by_step(tmp_path, micro, accum, global_batch):
+    world = len(micro)
     data = _prepared(tmp_path)
     start = DataPosition(epoch=0, consumed=5)  # a resume in the middle of an epoch
     steps = 9  # crosses into the next epochs, with a short last batch in each
@@ -42,9 +44,10 @@ def test_rank_stream_is_the_schedule_step_by_step(tmp_path, world, micro, accum,
         position = start
         for _ in range(steps):
             indices, position = data.global_batch(position, global_batch, seed=7, shuffle=True)
-            for slot in rank_slots(indices, world, rank, micro, accum):
+            for slot in rank_slots(indices, micro, rank, accum):
+                assert len(slot) == micro[rank]
                 expected.extend(slot)
-        assert rank_stream(len(data), start, steps, global_batch, 7, True, world, rank, micro,
+        assert rank_stream(len(data), start, steps, global_batch, 7, True, micro, rank,
                            accum) == expected
 
 
@@ -63,10 +66,11 @@ def test_configure_gives_each_rank_its_scheduled_blocks_in_order(ray_local, tmp_
         def data_schedule(self):
             return self.schedule
 
-    world, micro, accum, global_batch, steps = 2, 2, 2, 8, 7
+    # an uneven split: rank 0 trains 3 blocks per micro-step, rank 1 one
+    world, micro, accum, global_batch, steps = 2, (3, 1), 2, 8, 7
     start = DataPosition(epoch=1, consumed=8)
     schedule = {"position": start.to_dict(), "steps": steps, "world_size": world,
-                "micro_batch": micro, "grad_accum": accum, "global_batch": global_batch,
+                "micro_batches": list(micro), "grad_accum": accum, "global_batch": global_batch,
                 "seed": 5, "shuffle": True}
     controller = ray_local.remote(Controller).remote(schedule)
     blocks = ray_local.data.from_arrow(data.table)
@@ -74,8 +78,9 @@ def test_configure_gives_each_rank_its_scheduled_blocks_in_order(ray_local, tmp_
     assert len(iterators) == world
     delivered: list[int] = []
     for rank in range(world):
-        got = list(iterators[rank][SHARD].iter_batches(batch_size=micro, batch_format="numpy"))
-        expected = _schedule_slots(data, start, steps, global_batch, world, rank, micro, accum)
+        got = list(iterators[rank][SHARD].iter_batches(batch_size=micro[rank],
+                                                       batch_format="numpy"))
+        expected = _schedule_slots(data, start, steps, global_batch, rank, micro, accum)
         assert [b["slot"].tolist() for b in got] == expected
         for batch, slot in zip(got, expected, strict=True):
             reference = data.batch(slot)  # the tokens PreparedData itself would give
@@ -95,11 +100,11 @@ def test_configure_gives_each_rank_its_scheduled_blocks_in_order(ray_local, tmp_
 
 
 def _schedule_slots(data: PreparedData, position: DataPosition, steps: int, global_batch: int,
-                    world: int, rank: int, micro: int, accum: int) -> list[list[int]]:
+                    rank: int, micro: tuple[int, ...], accum: int) -> list[list[int]]:
     out = []
     for _ in range(steps):
         indices, position = data.global_batch(position, global_batch, seed=5, shuffle=True)
-        out.extend(rank_slots(indices, world, rank, micro, accum))
+        out.extend(rank_slots(indices, micro, rank, accum))
     return out
 
 
@@ -109,15 +114,14 @@ def test_a_long_run_is_few_tasks_each_yielding_in_order(ray_local, tmp_path):
     from elastic_ft.data.shards import rank_dataset
 
     data = _prepared(tmp_path)
-    world, micro, accum, global_batch, steps = 2, 1, 2, 4, 100
+    world, micro, accum, global_batch, steps = 2, (1, 1), 2, 4, 100
     start = DataPosition(epoch=0, consumed=3)
     schedule = {"position": start.to_dict(), "steps": steps, "world_size": world,
-                "micro_batch": micro, "grad_accum": accum, "global_batch": global_batch,
+                "micro_batches": list(micro), "grad_accum": accum, "global_batch": global_batch,
                 "seed": 5, "shuffle": True}
     blocks = ray_local.data.from_arrow(data.table)
     for rank in range(world):
         ds = rank_dataset(blocks.to_arrow_refs(), len(data), schedule, rank, max_items=2)
         got = [b["slot"].tolist()
-               for b in ds.iterator().iter_batches(batch_size=micro, batch_format="numpy")]
-        assert got == _schedule_slots(data, start, steps, global_batch, world, rank, micro,
-                                      accum)
+               for b in ds.iterator().iter_batches(batch_size=1, batch_format="numpy")]
+        assert got == _schedule_slots(data, start, steps, global_batch, rank, micro, accum)

@@ -83,7 +83,7 @@ def test_shrink_then_grow_keeps_global_batch_and_trajectory(cluster, tiny_assets
     assert resizes == [(2, 1), (1, 2)]
     assert _of(events, "node_lost") and _of(events, "node_join")
     for plan in _of(events, "plan"):  # the global batch never moves
-        assert plan["micro_batch"] * plan["grad_accum"] * plan["world_size"] == 8
+        assert sum(plan["micro_batches"]) * plan["grad_accum"] == 8 == plan["global_batch"]
     assert [p["world_size"] for p in _of(events, "plan")] == [2, 1, 2]
     resumes = _of(events, "resume")
     assert [r["world_size"] for r in resumes] == [1, 2]

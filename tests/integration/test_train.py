@@ -150,9 +150,9 @@ def test_micro_batch_over_memory_cap_is_replanned_not_crashed(tmp_path, tiny_ass
     events = read_events(out / "events.jsonl")
     capped = [e for e in events if e["event"] == "micro_batch_capped"]
     assert capped and capped[0]["requested"] == 4 and capped[0]["chosen"] == 2
-    plans = [(e["micro_batch"], e["grad_accum"], e["global_batch"]) for e in events
+    plans = [(e["micro_batches"], e["grad_accum"], e["global_batch"]) for e in events
              if e["event"] == "plan"]
-    assert plans == [(2, 2, 4), (1, 4, 4)]
+    assert plans == [([2], 2, 4), ([1], 4, 4)]
     replans = [e for e in events if e["event"] == "replan_memory"]
     assert replans and replans[0]["max_micro_batch"] == 1
     jit = [e for e in events if e["event"] == "jit_checkpoint"]
@@ -169,14 +169,15 @@ def test_micro_batch_auto_probes_and_trains(tmp_path, tiny_assets, ray_local) ->
         "train.micro_batch": "auto", "train.max_steps": 3, "checkpoint.every_steps": 3}),
         export=False)
     events = read_events(out / "events.jsonl")
-    (auto,) = [e for e in events if e["event"] == "micro_batch_auto"]
+    (auto,) = [e for e in events if e["event"] == "micro_batch_auto"]  # one device type
     # the probe ran real steps at doubling sizes and measured each one
     assert auto["probed"] >= 1 and len(auto["peaks"]) >= 2
     assert all(v is None or v > 0 for v in auto["peaks"].values())
     assert auto["chosen"] == min(auto["probed"], 8) and auto["calibration"]["median"] > 0
     plan = [e for e in events if e["event"] == "plan"][0]
-    assert plan["micro_batch"] <= auto["chosen"]
-    assert plan["micro_batch"] * plan["grad_accum"] * plan["world_size"] == 8
+    assert auto["device_type"] == "cpu"
+    assert max(plan["micro_batches"]) <= auto["chosen"]
+    assert sum(plan["micro_batches"]) * plan["grad_accum"] == 8 == plan["global_batch"]
     assert summary["steps"] == 3 and summary["final_loss"] > 0
 
 

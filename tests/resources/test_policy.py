@@ -1,36 +1,6 @@
 from __future__ import annotations
 
-import pytest
-
-from elastic_ft.resources.policy import PlanError, memory_pressure, plan_batches, resize_decision
-
-
-@pytest.mark.parametrize("world", range(1, 17))
-@pytest.mark.parametrize("global_batch", [1, 7, 8, 12, 32, 64, 96, 100])
-@pytest.mark.parametrize("cap", [1, 2, 3, 4, 8, 64])
-def test_plan_invariants(global_batch: int, world: int, cap: int) -> None:
-    plan = plan_batches(global_batch, world, cap)
-    assert plan.micro_batch * plan.grad_accum * world == plan.global_batch
-    assert 1 <= plan.micro_batch <= cap
-    if global_batch % world == 0:
-        assert plan.global_batch == global_batch and plan.lr_scale == 1.0
-        # the largest exact micro-batch under the cap is chosen
-        per = global_batch // world
-        assert plan.micro_batch == max(m for m in range(1, min(cap, per) + 1) if per % m == 0)
-    else:
-        # nearest feasible global batch; no feasible one is strictly nearer
-        nearest = min(abs(m * a * world - global_batch) for m in range(1, min(cap, global_batch) + 1)
-                      for a in range(1, global_batch + 2))
-        assert abs(plan.deviation) == nearest
-        assert plan.lr_scale == pytest.approx(plan.global_batch / global_batch)
-
-
-def test_plan_examples() -> None:
-    assert plan_batches(8, 2, 2).to_dict()["grad_accum"] == 2
-    three = plan_batches(8, 3, 4)
-    assert (three.global_batch, three.deviation) == (9, 1) or three.global_batch == 6
-    with pytest.raises(PlanError):
-        plan_batches(8, 2, 0)
+from elastic_ft.resources.policy import memory_pressure, resize_decision
 
 
 def test_memory_pressure_projects_growth() -> None:

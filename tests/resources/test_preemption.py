@@ -7,6 +7,7 @@ import time
 import pytest
 
 from elastic_ft.resources.preemption import check_notice, resolve_urls
+from tests.conftest import fleet_for_tests, places
 from tests.metadata_server import AWS_PATH, GCP_PATH, FakeMetadata, iso
 
 
@@ -61,10 +62,10 @@ def test_monitor_notice_becomes_jit_checkpoint_request(metadata, ray_local, tmp_
     from elastic_ft.resources.controller import ElasticController
 
     controller = ray.remote(ElasticController).options(max_concurrency=8).remote(
-        str(tmp_path), 8, 2, 1, 2, {"CPU": 1}, 0.2, None, True, True, 45.0,
-        [metadata.base + AWS_PATH], 0.2)
+        str(tmp_path), fleet_for_tests(cap=2), 1, 2, {"CPU": 1}, 0.2, preemption_urls=[
+            metadata.base + AWS_PATH], preemption_poll_s=0.2)
     node = ray.get_runtime_context().get_node_id()
-    ray.get(controller.plan.remote(2, [node, node]))  # both workers on this node
+    ray.get(controller.plan.remote(places(node, node)))  # both workers on this node
     ray.get(controller.record.remote("checkpoint", {"step": 1, "seconds": 200.0}))
     time.sleep(1.0)
     assert ray.get(controller.poll.remote()) is None  # no notice yet

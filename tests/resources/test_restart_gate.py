@@ -20,6 +20,7 @@ from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
 
 from elastic_ft.events import read_events
 from elastic_ft.resources.restart_gate import CheckpointBeforeResize, refresh_ray_reservations
+from tests.conftest import fleet_for_tests, places
 
 pytestmark = pytest.mark.ray
 
@@ -29,8 +30,8 @@ def controller(ray_local, tmp_path):
     from elastic_ft.resources.controller import ElasticController
 
     actor = ray_local.remote(ElasticController).options(max_concurrency=8).remote(
-        str(tmp_path), 8, 4, 1, 2, {"CPU": 1}, 0.5, None, True, False)
-    ray_local.get(actor.plan.remote(2, ["a", "b"]))
+        str(tmp_path), fleet_for_tests(), 1, 2, {"CPU": 1}, 0.5, start_monitors=False)
+    ray_local.get(actor.plan.remote(places("a", "b")))
     yield actor
     ray_local.kill(actor)
 
