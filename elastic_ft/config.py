@@ -151,7 +151,7 @@ class ElasticConfig(_Section):
     # re-split the global batch by measured speed when the slowest rank's compute per step
     # exceeds the fastest's by more than this (0.1 = 10%); null turns balancing off
     rebalance_threshold: float | None = Field(default=0.1, gt=0)
-    rebalance_window_steps: int = Field(default=5, ge=1, description=(
+    rebalance_window_steps: int = Field(default=10, ge=1, description=(
         "steps of each rank's speed, after a group's first two, before a rebalance decision"))
 
 

@@ -43,11 +43,12 @@ def wait_for_inventory(controller: Any, per_worker: dict[str, float],
         time.sleep(0.2)
 
 
-def budgets_by_type(cfg: RunConfig, use_gpu: bool, per_worker: dict[str, float],
+def budgets_by_type(cfg: RunConfig, use_gpu: bool, hosting: dict[str, int],
                     samples: dict[str, dict[str, Any]]) -> dict[str, tuple[int, str]]:
-    """Device type -> (the largest per-rank budget among its nodes, that node)."""
+    """Device type -> (the largest per-rank budget among its nodes, that node). `hosting`:
+    the nodes that can host workers, and how many each (`hosting_nodes`)."""
     out: dict[str, tuple[int, str]] = {}
-    for node_id, fit in sorted(hosting_nodes(per_worker).items()):
+    for node_id, fit in sorted(hosting.items()):
         sample = samples.get(node_id)
         if sample is None:
             continue

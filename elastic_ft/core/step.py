@@ -59,15 +59,18 @@ class ComputeClock:
     """A rank's compute time, the measure load balancing compares across ranks.
 
     On a GPU: CUDA events around the work, read once the step's collective has synchronised
-    (no extra host sync). On a CPU the device is the CPU: the process's CPU time, so that a
-    rank sharing its cores with other processes is not taken for a slow one (two alike ranks
-    on this 2-core box measured 1.7-2.2x apart in wall time, and within a few % in CPU time).
+    (no extra host sync). On a CPU the device is the CPU: CPU time, so that a rank sharing its
+    cores with other processes is not taken for a slow one (two alike ranks on this 2-core box
+    measured 1.7-2.2x apart in wall time). The calling thread's CPU time when torch computes
+    on that one thread (Ray's default for a 1-CPU worker): the process's would also count
+    Ray's background threads, such as the data iterator's prefetch, which run meanwhile.
     """
 
     def __init__(self, device: Any) -> None:
         import torch
 
         self.cuda = getattr(device, "type", "cpu") == "cuda"
+        self._cpu_clock = time.thread_time if torch.get_num_threads() == 1 else time.process_time
         self._events: list[tuple[Any, Any]] = []
         self._cpu_s = 0.0
         self._torch = torch
@@ -77,7 +80,7 @@ class ComputeClock:
             event = self._torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.process_time()
+        return self._cpu_clock()
 
     def stop(self, started: Any, faults: Faults) -> None:
         if self.cuda:
@@ -86,7 +89,7 @@ class ComputeClock:
                 faults.stretch(started.elapsed_time(_record(self._torch)) / 1000)
             self._events.append((started, _record(self._torch)))
         else:
-            compute_s = time.process_time() - started
+            compute_s = self._cpu_clock() - started
             self._cpu_s += compute_s + faults.stretch(compute_s)
 
     def seconds(self) -> float:

@@ -103,7 +103,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     from ray.train.v2.api.config import LoggingConfig
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from elastic_ft.core.devices import budgets_by_type, wait_for_inventory
+    from elastic_ft.core.devices import budgets_by_type, hosting_nodes, wait_for_inventory
     from elastic_ft.core.optimizer import resolve_caps
     from elastic_ft.core.train_loop import train_worker
     from elastic_ft.data.pipeline import prepare_data
@@ -160,7 +160,8 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         print(render_inventory(inventory), flush=True)
         events.emit("inventory", nodes=inventory)
         caps = resolve_caps(cfg, use_gpu, budgets_by_type(
-            cfg, use_gpu, resources, ray.get(controller.samples.remote())), events)
+            cfg, use_gpu, hosting_nodes(resources), ray.get(controller.samples.remote())),
+            events)
         ray.get(controller.set_caps.remote(caps))
         num_workers: int | tuple[int, int] = (
             cfg.workers.min if cfg.workers.min == cfg.workers.max
