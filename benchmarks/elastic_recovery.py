@@ -30,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from elastic_ft.resources.local_cluster import (  # noqa: E402
+from elastic_ft.testing.fake_nodes import (  # noqa: E402
     WORKER_RESOURCES,
     FakeNodeCluster,
 )

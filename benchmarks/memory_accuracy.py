@@ -106,7 +106,7 @@ def accuracy_multi_rank(model: str, micro: int, zeros: list[int], methods: list[
     import ray
 
     from elastic_ft.core.optimizer import estimate_for
-    from elastic_ft.resources.local_cluster import free_port
+    from elastic_ft.core.ports import free_port
 
     task = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(measure_rank)
     rows = []

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 
 from elastic_ft.config import RunConfig
-from elastic_ft.resources.local_cluster import free_port
+from elastic_ft.core.ports import free_port
 
 
 class RssPeak:

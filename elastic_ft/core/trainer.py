@@ -56,8 +56,8 @@ def start_local_ray(num_cpus: int | None, include_dashboard: bool, log_to_driver
     """
     import ray
 
+    from elastic_ft.core.ports import free_port
     from elastic_ft.resources import sigterm
-    from elastic_ft.resources.local_cluster import free_port
 
     port = free_port()
     previous = os.environ.get(API_SERVER_ENV)

@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from elastic_ft.resources.inventory import RankPlace, rank_budget_bytes, rank_device_type
-from elastic_ft.resources.planning import WorkerPlan, plan_per_worker, rebalance_decision
+from elastic_ft.resources.planning import (
+    RankCost,
+    WorkerPlan,
+    fit_cost,
+    plan_per_worker,
+    rebalance_decision,
+)
 from elastic_ft.resources.policy import memory_pressure
 
 WARMUP_STEPS = 2  # a group's first steps carry start-up work (allocations, stream start)
@@ -55,7 +61,8 @@ class Fleet:
         self.window = rebalance_window
         self.samples: dict[str, dict[str, Any]] = {}  # node -> the monitor's newest sample
         self.cap_limits: dict[str, int] = {}  # device -> lowered cap
-        self.speed: dict[str, deque[float]] = {}  # device -> seconds per sample, recent steps
+        # device -> micro-batch -> its compute per micro-step over recent steps
+        self.speed: dict[str, dict[int, deque[float]]] = {}
         self.ranks: list[RankDevice] = []
         self.plan: WorkerPlan | None = None
         self.peaks: list[deque[int]] = []
@@ -82,8 +89,8 @@ class Fleet:
     def new_group(self, places: list[RankPlace]) -> tuple[WorkerPlan, list[dict[str, Any]]]:
         """This group's plan, and the events to log (caps below the requested micro-batch)."""
         self.ranks = self.rank_devices(places)
-        weights = self._weights()
-        self.plan = plan_per_worker([d.cap for d in self.ranks], self.global_batch, weights)
+        self.plan = plan_per_worker([d.cap for d in self.ranks], self.global_batch,
+                                    costs=self._costs())
         self.peaks = [deque(maxlen=50) for _ in self.ranks]
         self.group_steps = 0
         events = []
@@ -95,21 +102,30 @@ class Fleet:
                                "budget_bytes": d.budget_bytes, "source": d.cap_source})
         return self.plan, events
 
-    def _weights(self) -> list[float] | None:
-        """Measured throughput (samples/s) per rank; a device not yet measured gets its
-        type's median, else the median of all. None when nothing is measured yet."""
-        measured = {k: statistics.median(v) for k, v in self.speed.items() if v}
-        if not measured:
+    def device_cost(self, device_key: str) -> RankCost | None:
+        by_size = {m: statistics.median(v) for m, v in self.speed.get(device_key, {}).items()
+                   if v}
+        return fit_cost(by_size) if by_size else None
+
+    def _costs(self) -> list[RankCost] | None:
+        """Each rank's measured cost; a device not yet measured gets its type's median cost,
+        else the median of all. None when nothing is measured yet (alike ranks)."""
+        known = {k: c for k in self.speed if (c := self.device_cost(k)) is not None}
+        if not known:
             return None
-        by_type: dict[str, list[float]] = {}
+
+        def median(costs: list[RankCost]) -> RankCost:
+            return RankCost(statistics.median(c.fixed_s for c in costs),
+                            statistics.median(c.per_sample_s for c in costs))
+
+        by_type: dict[str, list[RankCost]] = {}
         for d in self.ranks:
-            if d.device_key in measured:
-                by_type.setdefault(d.device_type, []).append(measured[d.device_key])
-        every = statistics.median(measured.values())
-        seconds = [measured.get(d.device_key) or (statistics.median(by_type[d.device_type])
-                                                 if d.device_type in by_type else every)
-                   for d in self.ranks]
-        return [1.0 / s for s in seconds]
+            if d.device_key in known:
+                by_type.setdefault(d.device_type, []).append(known[d.device_key])
+        every = median(list(known.values()))
+        return [known.get(d.device_key) or (median(by_type[d.device_type])
+                                            if d.device_type in by_type else every)
+                for d in self.ranks]
 
     # -- every step ---------------------------------------------------------------------
     def observe(self, rank_mem_bytes: list[int] | None, rank_forward_s: list[float] | None,
@@ -130,22 +146,27 @@ class Fleet:
                 return Replan("memory", f"rank {r} ({d.device_type} on "
                                         f"{d.node_id[:8]}): {decision.reason}",
                               {"rank": r, "max_micro_batch": decision.new_max_micro_batch})
-        if rank_forward_s and self.group_steps > WARMUP_STEPS:
+        # the compute clock rides one step late: the group's first reading is its step 2
+        if rank_forward_s and self.group_steps > WARMUP_STEPS + 1:
             for r, d in enumerate(self.ranks):
-                samples = self.plan.micro_batch(r) * self.plan.grad_accum
+                m = self.plan.micro_batch(r)
                 if r < len(rank_forward_s) and rank_forward_s[r] > 0:
-                    self.speed.setdefault(d.device_key, deque(maxlen=self.window)).append(
-                        rank_forward_s[r] / samples)
+                    self.speed.setdefault(d.device_key, {}).setdefault(
+                        m, deque(maxlen=self.window)).append(
+                            rank_forward_s[r] / self.plan.grad_accum)
         if (self.rebalance_threshold is None or not rebalance_allowed
-                or self.group_steps < WARMUP_STEPS + self.window):
+                or self.group_steps < WARMUP_STEPS + 1 + self.window):
             return None
-        seconds = [statistics.median(self.speed[d.device_key]) if self.speed.get(
-            d.device_key) else None for d in self.ranks]
-        decision = rebalance_decision(self.plan, seconds, self.rebalance_threshold)
+        now = [self.speed[d.device_key][self.plan.micro_batch(r)]
+               for r, d in enumerate(self.ranks)]
+        measured = [statistics.median(v) * self.plan.grad_accum for v in now]
+        costs = self._costs()
+        assert costs is not None
+        decision = rebalance_decision(self.plan, measured, costs, self.rebalance_threshold)
         if not decision.rebalance or decision.new_plan is None:
             return None
         return Replan("rebalance", decision.reason, {
-            "seconds_per_sample": [round(s, 6) for s in seconds if s is not None],
+            "costs": [[round(c.fixed_s, 6), round(c.per_sample_s, 6)] for c in costs],
             "step_s": [round(s, 4) for s in decision.step_s],
             "imbalance": round(decision.imbalance, 3),
             "predicted_speedup": round(decision.predicted_speedup, 3),

@@ -83,7 +83,7 @@ def _rank(rank: int, port: int, tiny_assets: str, tmp: str) -> None:
 def test_uneven_split_matches_even_split_at_every_zero_stage(tmp_path, tiny_assets) -> None:
     import torch.multiprocessing as mp
 
-    from elastic_ft.resources.local_cluster import free_port
+    from elastic_ft.core.ports import free_port
 
     mp.spawn(_rank, args=(free_port(), str(tiny_assets), str(tmp_path)), nprocs=2, join=True)
     results = json.loads((tmp_path / "losses.json").read_text())

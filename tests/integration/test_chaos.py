@@ -22,7 +22,7 @@ import pytest
 from elastic_ft.config import load_config
 from elastic_ft.core.checkpoint import find_latest_valid, run_storage
 from elastic_ft.events import read_events
-from elastic_ft.resources.local_cluster import BackgroundRun
+from elastic_ft.testing.fake_nodes import BackgroundRun
 from tests.conftest import ROOT, assert_each_sample_once, losses_by_step
 
 pytestmark = pytest.mark.ray

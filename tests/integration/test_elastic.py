@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from elastic_ft.config import load_config
-from elastic_ft.resources.local_cluster import WORKER_RESOURCES, BackgroundRun, FakeNodeCluster
+from elastic_ft.testing.fake_nodes import WORKER_RESOURCES, BackgroundRun, FakeNodeCluster
 from tests.conftest import ROOT, assert_each_sample_once, losses_by_step
 
 pytestmark = pytest.mark.ray

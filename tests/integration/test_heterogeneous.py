@@ -15,7 +15,7 @@ import pytest
 
 from elastic_ft.config import load_config
 from elastic_ft.events import read_events
-from elastic_ft.resources.local_cluster import WORKER_RESOURCES, BackgroundRun, FakeNodeCluster
+from elastic_ft.testing.fake_nodes import WORKER_RESOURCES, BackgroundRun, FakeNodeCluster
 from tests.conftest import ROOT, assert_each_sample_once, losses_by_step
 
 pytestmark = pytest.mark.ray

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from elastic_ft.resources.local_cluster import free_port
+from elastic_ft.core.ports import free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.ray

@@ -109,13 +109,14 @@ def test_rebalance_after_warmup_and_window_then_new_groups_start_balanced() -> N
         plan.micro_batches) * plan.grad_accum == 16
     per_sample = [0.01, 0.01, 0.03]  # node c is 3x slower
     decisions = []
-    for _ in range(WARMUP_STEPS + 3):
+    for _ in range(WARMUP_STEPS + 1 + 3):
         decisions.append(fleet.observe(None, [s * m * plan.grad_accum for s, m in
                                               zip(per_sample, plan.micro_batches, strict=True)]))
-    assert decisions[:-1] == [None] * (WARMUP_STEPS + 2)
+    assert decisions[:-1] == [None] * (WARMUP_STEPS + 3)
     replan = decisions[-1]
     assert replan is not None and replan.kind == "rebalance"
     assert replan.event["nodes"] == ["a", "b", "c"] and replan.event["to"][2] < 4
+    assert replan.event["costs"][2][1] == pytest.approx(0.03)
     # the next group (ranks renumbered) is planned with the measured speeds
     plan, _ = fleet.new_group([RankPlace(n, ("0",)) for n in "cab"])
     assert plan.micro_batches[0] < min(plan.micro_batches[1:])

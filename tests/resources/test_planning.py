@@ -9,7 +9,10 @@ import pytest
 
 from elastic_ft.resources.planning import (
     PlanError,
+    RankCost,
     WorkerPlan,
+    costs_from_weights,
+    fit_cost,
     plan_batches,
     plan_per_worker,
     rebalance_decision,
@@ -71,34 +74,59 @@ def test_examples() -> None:
     # 7 over 2 ranks of cap 1: the nearest feasible global batch, the smaller on a tie
     odd = plan_per_worker([1, 1], 7)
     assert (odd.global_batch, odd.lr_scale) == (6, pytest.approx(6 / 7))
-    assert split_slots(5, [4, 4], [1.0, 1.0]) == [3, 2]
+    assert split_slots(5, [4, 4], costs_from_weights([1.0, 1.0])) == [3, 2]
     with pytest.raises(PlanError, match="no micro-batch fits"):
         plan_per_worker([4, 0], 8)
     assert WorkerPlan.from_dict(small.to_dict()) == small
 
 
+def _measured(plan: WorkerPlan, costs: list[RankCost]) -> list[float]:
+    return [plan.grad_accum * c.micro_step_s(m)
+            for m, c in zip(plan.micro_batches, costs, strict=True)]
+
+
 def test_rebalance_moves_work_off_a_slow_rank_and_then_stays() -> None:
     even = plan_per_worker([8, 8, 8], 12)
     assert even.micro_batches == (4, 4, 4)
-    slow = [0.01, 0.01, 0.02]  # the third rank takes twice as long per sample
-    decision = rebalance_decision(even, slow, threshold=0.1)
+    slow = costs_from_weights([1.0, 1.0, 0.5])  # the third rank takes twice as long
+    decision = rebalance_decision(even, _measured(even, slow), slow, threshold=0.1)
     assert decision.rebalance and decision.imbalance == pytest.approx(1.0)
     assert decision.new_plan is not None and decision.new_plan.micro_batches == (5, 5, 2)
     assert decision.new_plan.global_batch == 12 and decision.predicted_speedup > 1.5
     # after the re-split, no split is faster: no second restart
-    again = rebalance_decision(decision.new_plan, slow, threshold=0.1)
-    assert not again.rebalance
+    new = decision.new_plan
+    assert not rebalance_decision(new, _measured(new, slow), slow, threshold=0.1).rebalance
     # two ranks 1:2: the best integer split leaves 20% imbalance, which must not loop
-    two = rebalance_decision(plan_per_worker([8, 8], 8), [0.01, 0.02], 0.1)
+    half = costs_from_weights([1.0, 0.5])
+    two_even = plan_per_worker([8, 8], 8)
+    two = rebalance_decision(two_even, _measured(two_even, half), half, 0.1)
     assert two.rebalance and two.new_plan.micro_batches in ((6, 2), (5, 3))  # both take 6
-    assert not rebalance_decision(two.new_plan, [0.01, 0.02], 0.1).rebalance
-    # measured on the benchmark: swapping the two fast ranks' shares would gain 5%, which
-    # a restart does not pay back
-    settled = WorkerPlan((1, 6, 5), 1, 12, 12, 1.0, "exact", (11, 11, 11))
-    assert not rebalance_decision(settled, [0.015164, 0.002757, 0.002621], 0.1).rebalance
+    assert not rebalance_decision(two.new_plan, _measured(two.new_plan, half), half,
+                                  0.1).rebalance
     # within the threshold, or not measured: nothing
-    assert not rebalance_decision(even, [0.01, 0.0105, 0.0102], 0.1).rebalance
-    assert not rebalance_decision(even, [0.01, None, 0.02], 0.1).rebalance
+    near = costs_from_weights([1.0, 0.97, 0.99])
+    assert not rebalance_decision(even, _measured(even, near), near, 0.1).rebalance
+    assert not rebalance_decision(even, [0.01, None, 0.02], slow, 0.1).rebalance
     # the caps bound the re-split: the fast rank cannot take more than its memory allows
-    capped = rebalance_decision(plan_per_worker([3, 8], 8), [0.001, 0.01], 0.1)
+    fast = costs_from_weights([10.0, 1.0])
+    capped_plan = plan_per_worker([3, 8], 8)
+    capped = rebalance_decision(capped_plan, _measured(capped_plan, fast), fast, 0.1)
     assert capped.new_plan is not None and capped.new_plan.micro_batches[0] <= 3
+
+
+def test_a_micro_steps_fixed_cost_is_fitted_and_stops_the_chase() -> None:
+    """Measured on the benchmark: a slowed rank at micro-batch 2 looked slower per sample
+    than at 4 (a micro-step's fixed cost), and a per-sample model pushed it to 1. With both
+    sizes measured, the fitted cost predicts no gain from that and the group stays."""
+    slow = fit_cost({4: 0.040, 2: 0.024})  # 8 ms fixed + 8 ms per sample
+    assert slow.fixed_s == pytest.approx(0.008) and slow.per_sample_s == pytest.approx(0.008)
+    fast = fit_cost({4: 0.020, 5: 0.024})  # 4 ms fixed + 4 ms per sample
+    assert fast.fixed_s == pytest.approx(0.004)
+    plan = WorkerPlan((2, 5, 5), 1, 12, 12, 1.0, "exact", (12, 12, 12))
+    costs = [slow, fast, fast]
+    # measured per sample alone, the slow rank (24 ms for 2) looks 2.5x the fast ones
+    decision = rebalance_decision(plan, _measured(plan, costs), costs, 0.1)
+    assert decision.imbalance > 0.0 and not decision.rebalance, decision
+    # one size only: all of it per sample; noise that makes the line fall: the largest size
+    assert fit_cost({4: 0.02}) == RankCost(0.0, 0.005)
+    assert fit_cost({2: 0.02, 4: 0.019}) == RankCost(0.0, 0.019 / 4)

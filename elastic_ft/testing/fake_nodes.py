@@ -20,15 +20,6 @@ TRAINER_RESOURCE = "trainer"
 WORKER_RESOURCES = {"CPU": 1, TRAINER_RESOURCE: 1}
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing holds now (the OS picks it)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class FakeNodeCluster:
     def __init__(self, num_nodes: int = 2, head_cpus: int = 2) -> None:
         import ray
