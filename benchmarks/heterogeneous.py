@@ -10,8 +10,8 @@ balanced run after its rebalance), the whole run's wall tokens/s, and for the ba
 seconds from the first step (the imbalance is there from the start) to the first step of the
 rebalanced group, and from the rebalance decision to that step (the restart's cost).
 
-    python benchmarks/heterogeneous.py --rounds 2 --slowdown 2
-Writes benchmarks/results/<hardware>/heterogeneous.{json,md,png}.
+    python benchmarks/heterogeneous.py --rounds 3 --slowdown 2 --workers 2 [--seq-len 512]
+Writes benchmarks/results/<hardware>/heterogeneous.{json,md,png} (`--name` for another name).
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ SKIP_STEPS = 3  # a group's first steps carry start-up work
 
 
 def run_job(model: Path, out: Path, balanced: bool, steps: int, workers: int,
-            global_batch: int) -> dict[str, Any]:
+            global_batch: int, seq_len: int) -> dict[str, Any]:
     from elastic_ft.config import load_config
 
     cfg = load_config(ROOT / "configs" / "tiny-lora-cpu.yaml", {
         "model.name_or_path": str(model), "output_dir": str(out), "train.max_steps": steps,
         "train.global_batch": global_batch, "train.micro_batch": global_batch,
+        "data.seq_len": seq_len,
         "workers.min": workers, "workers.max": workers,
         "workers.resources_per_worker": WORKER_RESOURCES, "workers.start_timeout_s": 10,
         "checkpoint.every_steps": 1000, "elastic.monitor_interval_s": 0.5,
@@ -82,7 +83,8 @@ def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     hw = result["hardware"]
     lines = [f"# Load balancing: {result['workers']} fake nodes, one slowed "
-             f"{result['slowdown']}x (commit {str(hw['commit'])[:10]}, {hw['cpu_model']}, "
+             f"{result['slowdown']}x, seq {result['seq_len']}, global batch "
+             f"{result['global_batch']} (commit {str(hw['commit'])[:10]}, {hw['cpu_model']}, "
              f"{hw['cpu_cores']} cores)", "",
              "| round | even tok/s | balanced tok/s | ratio | even wall tok/s | "
              "balanced wall tok/s | imbalance -> balanced s | decision -> balanced s | "
@@ -138,12 +140,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--global-batch", type=int, default=12)
+    parser.add_argument("--seq-len", type=int, default=128,
+                        help="longer blocks: more compute per sample, the rest of a step alike")
+    parser.add_argument("--name", default="heterogeneous", help="results file name")
     args = parser.parse_args()
 
     from elastic_ft.bench.hardware import hardware_record
     from elastic_ft.bench.report import default_out_dir, write_result
     from elastic_ft.core.tiny_assets import make_tiny_assets
-    from elastic_ft.resources.planning import plan_per_worker
+    from elastic_ft.resources.planning import costs_from_weights, plan_per_worker
 
     work = Path(tempfile.mkdtemp(prefix="eft_hetero_"))
     make_tiny_assets(work / "assets")
@@ -158,7 +163,8 @@ def main() -> None:
             row: dict[str, Any] = {"round": i}
             for name in ("even", "balanced"):
                 row[name] = run_job(model, work / f"r{i}_{name}", name == "balanced",
-                                    args.steps, args.workers, args.global_batch)
+                                    args.steps, args.workers, args.global_batch,
+                                    args.seq_len)
                 print(name, {k: v for k, v in row[name].items() if k != "per_step"},
                       flush=True)
             row["ratio"] = (row["balanced"]["steady_tokens_per_s"]
@@ -166,10 +172,10 @@ def main() -> None:
             rounds.append(row)
     finally:
         cluster.shutdown()
-    weights = [1 / args.slowdown] + [1.0] * (args.workers - 1)
+    costs = costs_from_weights([1 / args.slowdown] + [1.0] * (args.workers - 1))
     even = plan_per_worker([args.global_batch] * args.workers, args.global_batch)
-    best = plan_per_worker([args.global_batch] * args.workers, args.global_batch, weights)
-    ideal = even.predicted_step(weights) / best.predicted_step(weights)
+    best = plan_per_worker([args.global_batch] * args.workers, args.global_batch, costs=costs)
+    ideal = even.predicted_step(costs) / best.predicted_step(costs)
     summary = {
         "median_ratio": statistics.median(r["ratio"] for r in rounds),
         "ideal_ratio": round(ideal, 3),
@@ -179,8 +185,9 @@ def main() -> None:
             r["balanced"].get("decision_to_balanced_s", float("nan")) for r in rounds)}
     result = {"benchmark": "heterogeneous", "hardware": hardware_record(),
               "slowdown": args.slowdown, "workers": args.workers, "steps": args.steps,
-              "global_batch": args.global_batch, "summary": summary, "rounds": rounds}
-    paths = write_result(result, default_out_dir(result), "heterogeneous", markdown, plot)
+              "global_batch": args.global_batch, "seq_len": args.seq_len, "summary": summary,
+              "rounds": rounds}
+    paths = write_result(result, default_out_dir(result), args.name, markdown, plot)
     print(markdown(result))
     print(f"wrote {paths['json']}")
 

@@ -28,8 +28,10 @@ print("summary:", json.dumps({k: s.get(k) for k in ("steps", "final_loss", "toke
       "wall_tokens_per_s", "peak_mem_bytes", "restarts")}))
 for line in (run / "events.jsonl").read_text().splitlines():
     e = json.loads(line)
-    if e.get("event") in ("micro_batch_auto", "micro_batch_capped", "oom", "replan_memory",
-                         "plan", "resume", "start", "run_end", "run_failed"):
+    # plan: each rank's budget from its own GPU (NVML on its node), its cap and micro-batch
+    if e.get("event") in ("inventory", "micro_batch_auto", "micro_batch_capped", "oom",
+                         "replan_memory", "rebalance", "plan", "resume", "start", "run_end",
+                         "run_failed"):
         print(json.dumps(e)[:400])
 PY
 }
