@@ -153,6 +153,9 @@ class ElasticConfig(_Section):
     rebalance_threshold: float | None = Field(default=0.1, gt=0)
     rebalance_window_steps: int = Field(default=10, ge=1, description=(
         "steps of each rank's speed, after a group's first two, before a rebalance decision"))
+    # a rebalance restarts the group: it is made only when its predicted saving over the
+    # steps left exceeds what a restart costs, this until one has been measured in the run
+    restart_estimate_s: float = Field(default=30.0, ge=0)
 
 
 class RunConfig(_Section):

@@ -145,7 +145,8 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         here = ray.get_runtime_context().get_node_id()
         fleet = Fleet(None, cfg.train.global_batch, use_gpu, cfg.train.mem_fraction,
                       cfg.train.mem_cap_bytes, cfg.elastic.rebalance_threshold,
-                      cfg.elastic.rebalance_window_steps)
+                      cfg.elastic.rebalance_window_steps, total_steps,
+                      cfg.elastic.restart_estimate_s)
         controller = ray.remote(ElasticController).options(
             name=f"{CONTROLLER_NAME}_{os.getpid()}_{int(t0)}", num_cpus=0, max_concurrency=16,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),

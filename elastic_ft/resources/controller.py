@@ -42,6 +42,7 @@ class ElasticController(ClusterWatch):
         self.metrics_path = self.out / "metrics.jsonl"
         self.fleet = fleet
         self.rebalances_left = max_rebalances
+        self.replan_t: float | None = None  # when the newest re-plan restart was asked for
         self.min_workers, self.max_workers = min_workers, max_workers
         self.resources_per_worker = resources_per_worker
         self.monitor_interval_s = monitor_interval_s
@@ -177,13 +178,18 @@ class ElasticController(ClusterWatch):
         with self._lock:
             if self.pending is not None:  # one request at a time; the group restarts anyway
                 return
+            if self.replan_t is not None:  # the first step after a re-plan's restart
+                self.fleet.restart_s = time.time() - self.replan_t
+                self.replan_t = None
             replan = self.fleet.observe(record.get("rank_mem_bytes"),
                                         record.get("rank_forward_s"),
-                                        rebalance_allowed=self.rebalances_left > 0)
+                                        rebalance_allowed=self.rebalances_left > 0,
+                                        step=self.trained_step, step_s=record.get("step_s"))
             if replan is None:
                 return
             self.rebalances_left -= replan.kind == "rebalance"
             self.pending = {"kind": replan.kind, "restart": True, "reason": replan.reason}
+            self.replan_t = time.time()
         name = "replan_memory" if replan.kind == "memory" else "rebalance"
         self.events.emit(name, step=self.trained_step, reason=replan.reason, **replan.event)
 

@@ -24,6 +24,7 @@ from elastic_ft.resources.planning import (
 from elastic_ft.resources.policy import memory_pressure
 
 WARMUP_STEPS = 2  # a group's first steps carry start-up work (allocations, stream start)
+RESTART_GUESS_S = 30.0  # a group restart, before one is measured (10-17 s on the fake nodes)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Replan:
 class Fleet:
     def __init__(self, caps: Any, global_batch: int, use_gpu: bool, mem_fraction: float,
                  mem_cap_bytes: int | None, rebalance_threshold: float | None,
-                 rebalance_window: int = 5) -> None:
+                 rebalance_window: int = 5, total_steps: int | None = None,
+                 restart_estimate_s: float = RESTART_GUESS_S) -> None:
         self.caps = caps  # core.optimizer.MicroBatchCaps (a plain object)
         self.global_batch = global_batch
         self.use_gpu, self.mem_fraction, self.mem_cap_bytes = use_gpu, mem_fraction, mem_cap_bytes
@@ -67,6 +69,11 @@ class Fleet:
         self.plan: WorkerPlan | None = None
         self.peaks: list[deque[int]] = []
         self.group_steps = 0
+        self.total_steps = total_steps
+        # what a re-plan restart costs (request -> the new group's first step): a guess until
+        # the controller measures one (`restart_measured`)
+        self.restart_s = restart_estimate_s
+        self.step_s: deque[float] = deque(maxlen=rebalance_window)
 
     # -- a new group ----------------------------------------------------------------------
     def rank_devices(self, places: list[RankPlace]) -> list[RankDevice]:
@@ -129,12 +136,16 @@ class Fleet:
 
     # -- every step ---------------------------------------------------------------------
     def observe(self, rank_mem_bytes: list[int] | None, rank_forward_s: list[float] | None,
-                rebalance_allowed: bool = True) -> Replan | None:
+                rebalance_allowed: bool = True, step: int | None = None,
+                step_s: float | None = None) -> Replan | None:
         """One step's per-rank peaks and compute times: a memory re-plan first (a rank near
-        its budget), then a rebalance (one rank much slower than the others)."""
+        its budget), then a rebalance (one rank much slower than the others) that pays back
+        its restart before the run ends."""
         if self.plan is None:
             return None
         self.group_steps += 1
+        if step_s and self.group_steps > WARMUP_STEPS:
+            self.step_s.append(step_s)
         for r, peak in enumerate(rank_mem_bytes or []):
             if r < len(self.peaks) and peak:
                 self.peaks[r].append(int(peak))
@@ -165,6 +176,10 @@ class Fleet:
         decision = rebalance_decision(self.plan, measured, costs, self.rebalance_threshold)
         if not decision.rebalance or decision.new_plan is None:
             return None
+        if step is not None and self.total_steps and self.step_s:
+            saving_s = statistics.median(self.step_s) * (1 - 1 / decision.predicted_speedup)
+            if saving_s * (self.total_steps - step) <= self.restart_s:
+                return None  # the restart would cost more than the run has left to gain
         return Replan("rebalance", decision.reason, {
             "costs": [[round(c.fixed_s, 6), round(c.per_sample_s, 6)] for c in costs],
             "step_s": [round(s, 4) for s in decision.step_s],

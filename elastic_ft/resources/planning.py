@@ -34,12 +34,13 @@ class RankCost:
 
 def fit_cost(seconds_by_micro_batch: dict[int, float]) -> RankCost:
     """A device's cost from its measured compute per micro-step at each micro-batch size it
-    trained: all per sample from one size, a least-squares line from two or more."""
+    trained: all per sample from one size, a least-squares line from sizes at least 1.5x
+    apart (a line through 6 and 8 was mostly noise on the fake-node benchmark)."""
     points = sorted((m, t) for m, t in seconds_by_micro_batch.items() if t > 0)
     if not points:
         raise ValueError("no measurement")
     largest_m, largest_t = points[-1]
-    if len(points) == 1:
+    if len(points) == 1 or largest_m < 1.5 * points[0][0]:
         return RankCost(0.0, largest_t / largest_m)
     mean_m = sum(m for m, _ in points) / len(points)
     mean_t = sum(t for _, t in points) / len(points)

@@ -117,6 +117,14 @@ def test_rebalance_after_warmup_and_window_then_new_groups_start_balanced() -> N
     assert replan is not None and replan.kind == "rebalance"
     assert replan.event["nodes"] == ["a", "b", "c"] and replan.event["to"][2] < 4
     assert replan.event["costs"][2][1] == pytest.approx(0.03)
+    # near the end of the run a restart would not pay back: no rebalance
+    late = _fleet(threshold=0.1)
+    late.samples, late.total_steps = fleet.samples, 100
+    late_plan, _ = late.new_group(places)
+    late_decisions = [late.observe(None, [s * m * late_plan.grad_accum for s, m in zip(
+        per_sample, late_plan.micro_batches, strict=True)], step=95 + i, step_s=0.1)
+        for i in range(WARMUP_STEPS + 4)]
+    assert late_decisions == [None] * len(late_decisions)  # 0.1 s/step x 5 steps < 30 s
     # the next group (ranks renumbered) is planned with the measured speeds
     plan, _ = fleet.new_group([RankPlace(n, ("0",)) for n in "cab"])
     assert plan.micro_batches[0] < min(plan.micro_batches[1:])
