@@ -89,6 +89,22 @@ def losses_by_step(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+# Per-step losses of a resized or re-split run and a fixed, even run may differ only by
+# floating-point summation order: the same blocks form every global batch, the loss is
+# normalised by the global batch's token count whatever the split, and checkpoints keep the
+# fp32 weights and Adam moments exactly. Measured: at most 9.5e-7 over 300 steps (2->1->2).
+# 1e-4 is 100x that, and still 50x below the smallest real change guarded against (a skipped
+# or repeated batch, or reset Adam moments, moves the loss by > 5e-3 at once).
+LOSS_TOLERANCE = 1e-4
+
+
+def assert_same_trajectory(out: Path, reference: dict[int, float], steps: int) -> None:
+    losses = losses_by_step(out)
+    assert sorted(losses) == sorted(reference) == list(range(1, steps + 1))
+    worst = max(abs(losses[s] - reference[s]) for s in reference)
+    assert worst <= LOSS_TOLERANCE, f"run drifted {worst:.2e} from the fixed, even run"
+
+
 def assert_each_sample_once(out: Path, global_batch: int = 8) -> None:
     """Every kept sample of epoch 0 was trained exactly once (the tail step wraps to epoch 1)."""
     rows = {}

@@ -96,8 +96,9 @@ class Fleet:
     def new_group(self, places: list[RankPlace]) -> tuple[WorkerPlan, list[dict[str, Any]]]:
         """This group's plan, and the events to log (caps below the requested micro-batch)."""
         self.ranks = self.rank_devices(places)
-        self.plan = plan_per_worker([d.cap for d in self.ranks], self.global_batch,
-                                    costs=self._costs())
+        # balancing off: the split follows memory alone
+        costs = self._costs() if self.rebalance_threshold is not None else None
+        self.plan = plan_per_worker([d.cap for d in self.ranks], self.global_batch, costs=costs)
         self.peaks = [deque(maxlen=50) for _ in self.ranks]
         self.group_steps = 0
         events = []
