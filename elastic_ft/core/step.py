@@ -84,10 +84,12 @@ class ComputeClock:
 
     def stop(self, started: Any, faults: Faults) -> None:
         if self.cuda:
+            end = _record(self._torch)
             if faults.slowdown > 1:  # the drill needs the compute time now: one sync
-                self._torch.cuda.synchronize()
-                faults.stretch(started.elapsed_time(_record(self._torch)) / 1000)
-            self._events.append((started, _record(self._torch)))
+                end.synchronize()
+                faults.stretch(started.elapsed_time(end) / 1000)
+                end = _record(self._torch)  # the sleep counts: a slower GPU's time
+            self._events.append((started, end))
         else:
             compute_s = self._cpu_clock() - started
             self._cpu_s += compute_s + faults.stretch(compute_s)

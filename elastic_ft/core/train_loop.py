@@ -223,8 +223,8 @@ def train_worker(config: dict[str, Any]) -> None:
         mine[0] = result.loss_sum
         gathered = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
-        last_forward_s = result.forward.seconds()
-        table = torch.stack(gathered).cpu()  # one copy to the host per step
+        table = torch.stack(gathered).cpu()  # one copy to the host per step (a sync on GPU)
+        last_forward_s = result.forward.seconds()  # after the sync: its events are done
         step += 1
         position = next_position
         step_loss = table[:, 0].sum().item() / (world * a)

@@ -1,0 +1,63 @@
+"""The compute clock load balancing compares, and the documented fault injection."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from elastic_ft.core.step import ComputeClock, Faults
+
+
+def _burn(cpu_s: float) -> None:
+    end = time.thread_time() + cpu_s
+    while time.thread_time() < end:
+        pass
+
+
+def test_cpu_clock_counts_this_threads_compute_and_the_drills_stretch() -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a Ray worker with one CPU: torch computes on the calling thread
+    clock = ComputeClock(torch.device("cpu"))
+    torch.set_num_threads(threads)  # the clock chose its source; later tests keep theirs
+    stop = threading.Event()
+    other = threading.Thread(target=lambda: [_burn(0.01) for _ in iter(stop.is_set, True)])
+    other.start()  # another thread of the process (Ray's prefetch, say) is not counted
+    try:
+        started = clock.start()
+        _burn(0.05)
+        clock.stop(started, Faults())
+        plain = clock.seconds()
+        torch.set_num_threads(1)
+        slowed = ComputeClock(torch.device("cpu"))
+        torch.set_num_threads(threads)
+        t0 = time.time()
+        started = slowed.start()
+        _burn(0.05)
+        slowed.stop(started, Faults(slowdown=3.0))
+        wall = time.time() - t0
+    finally:
+        stop.set()
+        other.join()
+    assert plain == pytest.approx(0.05, rel=0.3)
+    assert slowed.seconds() == pytest.approx(3 * 0.05, rel=0.3)  # compute + 2x its sleep
+    assert wall >= 0.14  # the sleep really happened
+
+
+def test_faults_from_the_environment() -> None:
+    assert Faults.from_env({}) == Faults()
+    faults = Faults.from_env({"ELASTIC_FT_FAULT_SLOWDOWN": "2",
+                              "ELASTIC_FT_FAULT_OOM_MICRO_BATCH_OVER": "1",
+                              "ELASTIC_FT_FAULT_OOM_PHASE": "backward"})
+    assert faults == Faults(2.0, 1, "backward")
+    import torch
+
+    faults.maybe_oom("forward", 4)  # another phase: nothing
+    faults.maybe_oom("backward", 1)  # not over: nothing
+    with pytest.raises(torch.OutOfMemoryError, match="fault injection"):
+        faults.maybe_oom("backward", 2)
+    with pytest.raises(ValueError, match="ELASTIC_FT_FAULT_OOM_PHASE"):
+        Faults.from_env({"ELASTIC_FT_FAULT_OOM_PHASE": "step"})
