@@ -145,7 +145,7 @@ def plan_per_worker(caps: list[int], global_batch: int, weights: list[float] | N
         actual = slots * accum
         return WorkerPlan(tuple(split_slots(slots, capped, cost)), accum, actual, global_batch,
                           actual / global_batch, reason, tuple(caps),
-                          tuple((c.fixed_s, c.per_sample_s) for c in cost))
+                          tuple((c.fixed_s, c.per_sample_s) for c in cost) if measured else ())
 
     exact = [plan(global_batch // accum, accum, "exact") for accum in range(1, global_batch + 1)
              if global_batch % accum == 0 and world <= global_batch // accum <= room]
