@@ -166,8 +166,11 @@ class Fleet:
                     self.speed.setdefault(d.device_key, {}).setdefault(
                         m, deque(maxlen=self.window)).append(
                             rank_forward_s[r] / self.plan.grad_accum)
+        # The decision reads window medians: once per window of fresh readings is enough
+        # (every step would refit and re-plan in the controller, on the workers' cores).
+        measured_steps = self.group_steps - WARMUP_STEPS - 1
         if (self.rebalance_threshold is None or not rebalance_allowed
-                or self.group_steps < WARMUP_STEPS + 1 + self.window):
+                or measured_steps < self.window or measured_steps % self.window):
             return None
         now = [self.speed[d.device_key][self.plan.micro_batch(r)]
                for r, d in enumerate(self.ranks)]
