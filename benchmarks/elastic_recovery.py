@@ -11,8 +11,15 @@ lost (trained before the event, trained again after). The plain baseline is what
 user writes from the docs: same model, ZeRO-2 via DeepSpeed is replaced by DDP (its ZeRO
 checkpoints do not load at another world size), a checkpoint every 10 steps, Ray's defaults.
 
-    python benchmarks/elastic_recovery.py --trials 3
-Writes benchmarks/results/<hardware>/elastic_recovery.json.
+The head declares a lost node dead as the shipped cluster configs do
+(`elastic_ft/resources/node_health.py`: ~3 s for a killed raylet); `--health-check ray-defaults`
+keeps Ray's defaults (15 s and more), the "before" of that setting.
+
+    python benchmarks/elastic_recovery.py --trials 3 [--systems plain,elastic_ft]
+        [--health-check training|ray-defaults]
+    python benchmarks/elastic_recovery.py --detection 3   # node death detection alone
+Writes benchmarks/results/<hardware>/elastic_recovery.json (with Ray's health-check defaults:
+elastic_recovery_ray_health_defaults.json).
 """
 
 from __future__ import annotations
@@ -166,15 +173,23 @@ def _event(job: Job, name: str, t_event: float, world: int) -> dict[str, Any]:
     first = job.wait_steps_at(world, t_event, 2, timeout_s=240)
     # what was trained before the group restarted (training may go on after the event)
     trained_before = job.last_step_before(first["t"] - 1e-6)
-    return {"event": name, "recovery_s": round(first["t"] - t_event, 2),
-            "steps_lost": max(0, trained_before - (first["step"] - 1)),
-            "last_step_before": trained_before, "first_step_after": first["step"]}
+    row = {"event": name, "recovery_s": round(first["t"] - t_event, 2),
+           "steps_lost": max(0, trained_before - (first["step"] - 1)),
+           "last_step_before": trained_before, "first_step_after": first["step"]}
+    if (job.out / "events.jsonl").exists():  # elastic_ft: the restart's own timeline
+        from elastic_ft.events import read_events
+
+        recoveries = [e for e in read_events(job.out / "events.jsonl")
+                      if e["event"] == "recovery" and e["t"] >= t_event]
+        if recoveries:
+            row["timeline"] = {k: recoveries[0][k] for k in ("trigger", "total_s", "phases")}
+    return row
 
 
-def trial(system: str, model: Path, work: Path) -> list[dict[str, Any]]:
+def trial(system: str, model: Path, work: Path, health_check: str) -> list[dict[str, Any]]:
     """Runs the three events; writes WORK/SYSTEM.json before tearing the cluster down (Ray may
     crash while a job thread is still inside fit(); the results are safe by then)."""
-    cluster = FakeNodeCluster(num_nodes=2)
+    cluster = FakeNodeCluster(num_nodes=2, training_health_check=health_check == "training")
     try:
         job = Job(system, model, work / system, max_steps=100_000)
         job.wait_steps_at(2, 0, CHECKPOINT_EVERY + 5, timeout_s=240)
@@ -201,15 +216,52 @@ def trial(system: str, model: Path, work: Path) -> list[dict[str, Any]]:
         cluster.shutdown()
 
 
+def detection(repeats: int) -> None:
+    """Seconds from a fake node's hard kill until the head declares it dead, with the training
+    health check and with Ray's defaults, interleaved; no training (nothing else is running)."""
+    import ray
+
+    from elastic_ft.bench.hardware import hardware_record
+    from elastic_ft.bench.report import save_benchmark
+
+    seconds: dict[str, list[float]] = {"training": [], "ray-defaults": []}
+    for _ in range(repeats):
+        for mode in seconds:
+            cluster = FakeNodeCluster(num_nodes=1, training_health_check=mode == "training")
+            try:
+                node_id = cluster.nodes[0].node_id
+                t0 = time.time()
+                cluster.remove_node(hard=True)
+                while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+                    time.sleep(0.05)
+                seconds[mode].append(round(time.time() - t0, 2))
+            finally:
+                cluster.shutdown()
+    from elastic_ft.resources.node_health import SYSTEM_CONFIG
+
+    summary = {mode: {"median_s": statistics.median(v), "runs": v}
+               for mode, v in seconds.items()}
+    save_benchmark({"benchmark": "node_death_detection", "hardware": hardware_record(),
+                    "training_system_config": SYSTEM_CONFIG, "summary": summary}, summary)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--systems", default="plain,elastic_ft")
+    parser.add_argument("--health-check", choices=("training", "ray-defaults"),
+                        default="training")
+    parser.add_argument("--detection", type=int, metavar="REPEATS", default=0,
+                        help="only time a hard-killed node's death detection, both settings")
     parser.add_argument("--single", nargs=3, metavar=("SYSTEM", "MODEL", "WORKDIR"),
                         help=argparse.SUPPRESS)  # one trial in a fresh process
     args = parser.parse_args()
+    if args.detection:
+        detection(args.detection)
+        return
     if args.single:
         system, model, work = args.single
-        trial(system, Path(model), Path(work))
+        trial(system, Path(model), Path(work), args.health_check)
         os._exit(0)  # the job's thread is still inside fit() on a cluster that is gone
     import subprocess
 
@@ -219,30 +271,42 @@ def main() -> None:
     make_tiny_assets(work / "assets")
     model = work / "assets" / "model"
     rows: list[dict[str, Any]] = []
+    systems = args.systems.split(",")
     for i in range(args.trials):
-        for system in ("plain", "elastic_ft"):
+        for system in systems:
             trial_dir = work / f"trial{i}"
             trial_dir.mkdir(exist_ok=True)
             done = subprocess.run([sys.executable, __file__, "--single", system, str(model),
-                                   str(trial_dir)], timeout=900)
+                                   str(trial_dir), "--health-check", args.health_check],
+                                  timeout=900)
             if not (trial_dir / f"{system}.json").exists():
                 raise RuntimeError(f"{system} trial {i} failed (exit {done.returncode})")
             for row in json.loads((trial_dir / f"{system}.json").read_text()):
                 rows.append({"system": system, "trial": i, **row})
                 print(json.dumps(rows[-1]), flush=True)
-    summary = {}
-    for system in ("plain", "elastic_ft"):
+    summary: dict[str, Any] = {}
+    for system in systems:
         for event in ("drain_then_loss", "join", "hard_loss"):
             sel = [r for r in rows if r["system"] == system and r["event"] == event]
             summary[f"{system}/{event}"] = {
                 "median_recovery_s": statistics.median(r["recovery_s"] for r in sel),
                 "median_steps_lost": statistics.median(r["steps_lost"] for r in sel),
                 "runs": len(sel)}
+            timelines = [r["timeline"] for r in sel if "timeline" in r]
+            if timelines:  # median seconds of each phase over the trials
+                names = [p["phase"] for p in timelines[0]["phases"]]
+                summary[f"{system}/{event}"]["phases_s"] = {
+                    n: statistics.median(p["s"] for t in timelines for p in t["phases"]
+                                         if p["phase"] == n) for n in names}
     from elastic_ft.bench.hardware import hardware_record
     from elastic_ft.bench.report import save_benchmark
+    from elastic_ft.resources.node_health import SYSTEM_CONFIG
 
     hardware = hardware_record()
-    result = {"benchmark": "elastic_recovery", "hardware": hardware,
+    name = ("elastic_recovery" if args.health_check == "training"
+            else "elastic_recovery_ray_health_defaults")
+    result = {"benchmark": name, "hardware": hardware, "health_check": args.health_check,
+              "ray_system_config": SYSTEM_CONFIG if args.health_check == "training" else {},
               "checkpoint_every_steps": CHECKPOINT_EVERY,
               "resize_interval_s": RESIZE_INTERVAL_S, "summary": summary, "rows": rows}
     save_benchmark(result, summary)

@@ -44,16 +44,64 @@ def make_tiny_assets_cmd(out_dir: str, vocab_size: int, hidden_size: int, layers
 @click.argument("config")
 @click.option("--set", "overrides", multiple=True, help="section.field=value (YAML value)")
 @click.option("--no-export", is_flag=True, help="skip writing adapter/ and merged/")
-def train(config: str, overrides: tuple[str, ...], no_export: bool) -> None:
+@click.option("--verbose", is_flag=True,
+              help="show Ray's, DeepSpeed's and the workers' logs here, not in OUTPUT/logs/")
+@click.option("--inputs", default=None, hidden=True,
+              help="(submit) the shipped inputs package that @inputs/ paths refer to")
+def train(config: str, overrides: tuple[str, ...], no_export: bool, verbose: bool,
+          inputs: str | None) -> None:
     """Fine-tune; resumes from the newest valid checkpoint in the run's storage."""
     from elastic_ft.core.trainer import run_training
+    from elastic_ft.preflight import require_valid
+    from elastic_ft.report.console import quiet_terminal
 
+    if inputs is not None:
+        from elastic_ft.launch import resolve_inputs
+
+        _, resolved = resolve_inputs(inputs, [config, *overrides])
+        config, overrides = resolved[0], tuple(resolved[1:])
     cfg = _config(config, overrides)
-    summary = run_training(cfg, export=not no_export)
-    keys = ["initial_loss", "final_loss", "steps", "tokens", "wall_s", "world_size",
-            "tokens_per_s", "peak_mem_bytes"]
-    click.echo(json.dumps({k: summary[k] for k in keys}, indent=2))
-    click.echo(f"summary: {Path(cfg.output_dir) / 'summary.json'}")
+    out = Path(cfg.output_dir)
+    with quiet_terminal(out / "logs", verbose) as console:
+        try:
+            require_valid(cfg)  # seconds, before any compute
+            summary = run_training(cfg, export=not no_export)
+        except Exception as error:
+            import traceback
+
+            traceback.print_exc()  # the full trace into the run's log
+            known = isinstance(error, (ConfigError, RuntimeError, ValueError, OSError))
+            detail = str(error) if known else traceback.format_exc().rstrip()
+            where = f"\nfull log: {console.log_path}" if console.log_path else ""
+            console.line(f"error: {detail}{where}")
+            sys.exit(1)
+        keys = ["initial_loss", "final_loss", "steps", "tokens", "wall_s", "world_size",
+                "tokens_per_s", "peak_mem_bytes", "eval"]
+        console.line("\n".join(f"{k}: {json.dumps(summary.get(k))}" for k in keys))
+        console.line(f"summary: {out / 'summary.json'}")
+
+
+@main.command()
+@click.argument("run_or_model", type=click.Path(exists=True))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="repeat for several")
+@click.option("--max-new-tokens", default=64, show_default=True)
+def generate(run_or_model: str, prompts: tuple[str, ...], max_new_tokens: int) -> None:
+    """Greedy completions from a run's merged/ model (or base + adapter/), or a model dir;
+    prompts rendered as the run's training rendered a user turn."""
+    from transformers.utils import logging as hf_logging
+
+    from elastic_ft.core.generate import load_for_generation
+
+    hf_logging.set_verbosity_error()  # the completion only: no loading bars or notices
+    hf_logging.disable_progress_bar()
+    try:
+        model = load_for_generation(Path(run_or_model))
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    for prompt in prompts:
+        completion = model.complete(prompt, max_new_tokens)
+        click.echo(completion if completion.strip() else
+                   "(no text: the model ended its answer at once)")
 
 
 @main.command()
@@ -69,6 +117,26 @@ def prepare(config: str, overrides: tuple[str, ...]) -> None:
     ensure_ray()
     _, report = prepare_data(cfg.data, tokenizer_path(cfg), cfg.output_dir, engine="ray")
     click.echo(report.table())
+
+
+@main.command()
+@click.argument("config")
+@click.option("--gpus", default=None, help="check memory for these GPUs: 8 or 4xA100-80GB,...")
+@click.option("--gpu-mem", default="80GiB", show_default=True, help="with --gpus N")
+@click.option("--set", "overrides", multiple=True)
+def validate(config: str, gpus: str | None, gpu_mem: str, overrides: tuple[str, ...]) -> None:
+    """Pre-flight checks before any compute: config, model, data, storage, memory, cluster."""
+    from elastic_ft.preflight import validate as run_checks
+
+    cfg = _config(config, overrides)
+    findings, sample = run_checks(cfg, count_rows=True, gpus=gpus, gpu_mem=gpu_mem)
+    click.echo("ok    config   " + config)
+    for finding in findings:
+        click.echo(finding.line())
+    if sample is not None:
+        click.echo("one sample as the model sees it, trained tokens in [[...]]:\n" + sample)
+    if any(not f.ok for f in findings):
+        sys.exit(1)
 
 
 @main.command("validate-data")
@@ -114,12 +182,16 @@ def plan(config: str, gpus: str, gpu_mem: str, as_json: bool, overrides: tuple[s
     """Per-worker memory of every method/ZeRO/checkpointing/offload combination; a pick, and
     each worker's share of the global batch."""
     from elastic_ft.core.planner import parse_inventory, plan_table, render_table
+    from elastic_ft.preflight import check_model
 
     cfg = _config(config, overrides)
     try:
         devices = parse_inventory(gpus, gpu_mem)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--gpus") from None
+    problems = [f.message for f in check_model(cfg, True, method=False) if not f.ok]
+    if problems:  # before transformers fails on a missing path with a traceback
+        raise click.ClickException("\n".join(problems))
     result = plan_table(cfg, devices)
     click.echo(json.dumps(result, indent=2) if as_json else render_table(result))
 
@@ -128,26 +200,47 @@ def plan(config: str, gpus: str, gpu_mem: str, as_json: bool, overrides: tuple[s
 @click.argument("config")
 @click.option("--set", "overrides", multiple=True)
 def export(config: str, overrides: tuple[str, ...]) -> None:
-    """Write OUTPUT/adapter (peft) and OUTPUT/merged (Hugging Face) from a finished run."""
-    from elastic_ft.core.export import export_outputs
+    """Write OUTPUT/adapter (peft) and OUTPUT/merged (Hugging Face) from a finished run, in a
+    Ray task on a node with the memory for the merge (RAY_ADDRESS, or a local Ray)."""
+    import ray
 
-    click.echo(json.dumps(export_outputs(_config(config, overrides).with_absolute_paths()),
-                          indent=2))
+    from elastic_ft.core.export import export_on_cluster
+    from elastic_ft.core.trainer import ensure_ray
+
+    cfg = _config(config, overrides).with_absolute_paths()
+    started = ensure_ray()
+    try:
+        click.echo(json.dumps(export_on_cluster(cfg), indent=2))
+    except (RuntimeError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+    finally:
+        if started:
+            ray.shutdown()
 
 
 @main.command()
 @click.argument("config")
 @click.option("--address", default="http://127.0.0.1:8265", show_default=True)
 @click.option("--no-wait", is_flag=True, help="print the job id and return")
+@click.option("--shared", multiple=True,
+              help="a path prefix every node reads (NFS, a mounted bucket): not uploaded")
 @click.option("--set", "overrides", multiple=True)
-def submit(config: str, address: str, no_wait: bool, overrides: tuple[str, ...]) -> None:
-    """Submit `elastic-ft train CONFIG` to a cluster through the Ray Jobs API."""
+def submit(config: str, address: str, no_wait: bool, shared: tuple[str, ...],
+           overrides: tuple[str, ...]) -> None:
+    """Submit `elastic-ft train CONFIG` to a cluster through the Ray Jobs API; its local
+    inputs (model, tokenizer, data) go with it. Exits with the job's result."""
     from elastic_ft.launch import submit_job
+    from elastic_ft.preflight import PreflightError, require_valid
 
-    _config(config, overrides)  # fail here, not on the cluster
-    status = submit_job(config, address, list(overrides), wait=not no_wait, echo=click.echo)
-    if status not in ("SUCCEEDED", "PENDING", "RUNNING"):
-        sys.exit(1)
+    cfg = _config(config, overrides)
+    try:  # fail here, not on the cluster
+        require_valid(cfg)
+        status = submit_job(config, cfg, address, list(overrides), wait=not no_wait,
+                            echo=click.echo, shared=list(shared))
+    except (PreflightError, ConfigError) as error:
+        raise click.ClickException(str(error)) from None
+    running = no_wait and status in ("PENDING", "RUNNING")
+    sys.exit(0 if status == "SUCCEEDED" or running else 1)
 
 
 @main.command()
@@ -170,110 +263,25 @@ def stop(job_id: str, address: str) -> None:
     click.echo("stopped" if JobSubmissionClient(address).stop_job(job_id) else "not running")
 
 
-@main.group()
-def bench() -> None:
-    """Benchmarks run as Ray Tune experiments: JSON, a Markdown table and PNG plots."""
+@main.command()
+@click.argument("output_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="the report as JSON (cost_report.json)")
+def report(output_dir: str, as_json: bool) -> None:
+    """What a run (finished or running) cost: nodes, prices, goodput, time lost."""
+    from elastic_ft.report.cost import report_for_run
+
+    try:
+        result = report_for_run(output_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
 
 
-@bench.command("scaling")
-@click.argument("config")
-@click.option("--workers", default="1,2", show_default=True, help="worker counts, e.g. 1,2,4")
-@click.option("--steps", default=10, show_default=True)
-@click.option("--warmup-steps", default=2, show_default=True)
-@click.option("--mode", type=click.Choice(["both", "strong", "weak"]), default="both",
-              show_default=True)
-@click.option("--out", type=click.Path(), default=None,
-              help="default: benchmarks/results/<hardware-tag>/")
-@click.option("--set", "overrides", multiple=True)
-def bench_scaling(config: str, workers: str, steps: int, warmup_steps: int, mode: str,
-                  out: str | None, overrides: tuple[str, ...]) -> None:
-    """Tokens/s, per-worker tokens/s, strong/weak efficiency and MFU for each worker count."""
-    from elastic_ft.bench.report import default_out_dir, scaling_markdown, write_scaling
-    from elastic_ft.bench.scaling import run_scaling
+from elastic_ft.bench.commands import bench  # noqa: E402  (the `bench` group)
+from elastic_ft.sim.command import simulate  # noqa: E402
 
-    cfg = _config(config, overrides)
-    counts = [int(w) for w in workers.split(",")]
-    modes = ("strong", "weak") if mode == "both" else (mode,)
-    work = Path(out or "runs/bench") / "work"
-    result = run_scaling(cfg, counts, work, steps=steps, warmup_steps=warmup_steps,
-                         modes=modes)
-    paths = write_scaling(result, Path(out) if out else default_out_dir(result))
-    click.echo(scaling_markdown(result))
-    click.echo(json.dumps({k: str(v) for k, v in paths.items()}))
-
-
-@bench.command("overhead")
-@click.argument("config")
-@click.option("--steps", default=30, show_default=True)
-@click.option("--warmup-steps", default=5, show_default=True)
-@click.option("--repeats", default=1, show_default=True,
-              help="interleaved rounds; medians are reported")
-@click.option("--out", type=click.Path(), default=None,
-              help="default: benchmarks/results/<hardware-tag>/")
-@click.option("--set", "overrides", multiple=True)
-def bench_overhead(config: str, steps: int, warmup_steps: int, repeats: int, out: str | None,
-                   overrides: tuple[str, ...]) -> None:
-    """elastic_ft tokens/s against a plain DeepSpeed loop and Ray Train + HF Trainer."""
-    from elastic_ft.bench.overhead import run_overhead
-    from elastic_ft.bench.report import default_out_dir, overhead_markdown
-
-    cfg = _config(config, overrides)
-    result = run_overhead(cfg, Path(out or "runs/bench") / "overhead-work", steps, warmup_steps,
-                          repeats)
-    out_dir = Path(out) if out else default_out_dir(result)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "overhead.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "overhead.md").write_text(overhead_markdown(result))
-    click.echo(overhead_markdown(result))
-
-
-@bench.command("matrix")
-@click.argument("config")
-@click.option("--methods", default="lora,full", show_default=True)
-@click.option("--zero", "zero_stages", default="1,2,3", show_default=True)
-@click.option("--ckpt", default="off,on", show_default=True, help="gradient checkpointing")
-@click.option("--attn", default=None, help="default: eager,sdpa (+flash_attention_2 if "
-              "flash-attn is installed and a GPU is present)")
-@click.option("--workers", default=2, show_default=True)
-@click.option("--lomo/--no-lomo", default=True, show_default=True)
-@click.option("--steps", default=6, show_default=True)
-@click.option("--out", type=click.Path(), default=None)
-@click.option("--set", "overrides", multiple=True)
-def bench_matrix(config: str, methods: str, zero_stages: str, ckpt: str, attn: str | None,
-                 workers: int, lomo: bool, steps: int, out: str | None,
-                 overrides: tuple[str, ...]) -> None:
-    """Peak memory and step time: checkpointing x LoRA/full x ZeRO x attention (+ LOMO)."""
-    import importlib.util
-
-    import torch
-
-    from elastic_ft.bench.matrix import matrix_cells, matrix_markdown, run_matrix, write_matrix
-    from elastic_ft.bench.report import default_out_dir
-
-    if attn is None:
-        attn = "eager,sdpa" + (",flash_attention_2" if torch.cuda.is_available()
-                               and importlib.util.find_spec("flash_attn") else "")
-    cells = matrix_cells(methods.split(","), [int(z) for z in zero_stages.split(",")],
-                         [c == "on" for c in ckpt.split(",")], attn.split(","), workers, lomo)
-    result = run_matrix(_config(config, overrides), cells,
-                        Path(out or "runs/bench") / "matrix-work", steps)
-    paths = write_matrix(result, Path(out) if out else default_out_dir(result))
-    click.echo(matrix_markdown(result))
-    click.echo(json.dumps({k: str(v) for k, v in paths.items()}))
-
-
-@bench.command("compare")
-@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--png", type=click.Path(), default=None, help="also plot them together")
-def bench_compare(results: tuple[str, ...], png: str | None) -> None:
-    """Put scaling results from different machines side by side."""
-    from elastic_ft.bench.report import compare_markdown, scaling_plot
-
-    loaded = [json.loads(Path(r).read_text()) for r in results]
-    click.echo(compare_markdown(loaded))
-    if png:
-        click.echo(f"plot: {scaling_plot(loaded, Path(png))}")
-
+main.add_command(bench)
+main.add_command(simulate)
 
 if __name__ == "__main__":
     main()

@@ -13,26 +13,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-SECRET_MARKERS = ("token", "secret", "password", "api_key", "access_key")
+# A key names a secret when its last word is one (`HF_TOKEN`, `wandb_api_key`,
+# `aws_secret_access_key`, `password`), not when a word merely contains one: `tokenizer`,
+# `max_new_tokens`, `pad_token_id` and `tokens_per_s` are settings and figures, kept as they are.
+_SECRET_KEY = r"(?:[A-Za-z0-9]+[_.-])*?(?:token|secret|password|passwd|credentials?|" \
+    r"(?:api|access|secret|private|auth)[_-]?key)"
+_SECRET_KEY_RE = re.compile(rf"^{_SECRET_KEY}$", re.IGNORECASE)
+# values that are credentials whatever their key: Hugging Face and OpenAI-style tokens
+_SECRET_VALUE = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,})\b")
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(_SECRET_KEY_RE.match(key))
 
 
 def redact(value: Any) -> Any:
     """Drop anything that looks like a credential before it reaches a log or a saved config."""
     if isinstance(value, dict):
-        return {
-            k: ("<redacted>" if any(m in str(k).lower() for m in SECRET_MARKERS) else redact(v))
-            for k, v in value.items()
-        }
+        return {k: ("<redacted>" if is_secret_key(str(k)) else redact(v))
+                for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
     if isinstance(value, str):
-        return _URI_CREDENTIALS.sub(r"\1<redacted>@", value)
+        return _SECRET_VALUE.sub("<redacted>", _URI_CREDENTIALS.sub(r"\1<redacted>@", value))
     return value
 
 
+# `HF_TOKEN=hf_abc`, `"api_key": "x"`, `password: x` in free text
 _SECRET_ASSIGNMENT = re.compile(
-    r"((?:" + "|".join(SECRET_MARKERS) + r")[A-Za-z_]*\s*[:=]\s*)[\"']?[^\s\"',}]+",
-    re.IGNORECASE)
+    rf"(\b{_SECRET_KEY}[\"']?\s*[:=]\s*[\"']?)[^\s\"',}}]+", re.IGNORECASE)
 
 
 # `s3://KEY:SECRET@bucket/path`: pyarrow takes credentials in a storage URI
@@ -41,7 +50,8 @@ _URI_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 def redact_text(text: str) -> str:
     """`HF_TOKEN=hf_abc` -> `HF_TOKEN=<redacted>` in free text such as streamed job logs."""
-    return _URI_CREDENTIALS.sub(r"\1<redacted>@", _SECRET_ASSIGNMENT.sub(r"\1<redacted>", text))
+    text = _SECRET_ASSIGNMENT.sub(r"\1<redacted>", text)
+    return _SECRET_VALUE.sub("<redacted>", _URI_CREDENTIALS.sub(r"\1<redacted>@", text))
 
 
 class EventLog:
@@ -72,3 +82,9 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def read_steps(path: str | Path) -> list[dict[str, Any]]:
+    """The training-step rows of `metrics.jsonl` (eval rows, which have `eval_loss` and no
+    `loss`, left out)."""
+    return [r for r in read_events(path) if "loss" in r]

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,23 @@ def s3_storage():
     server.stop()
 
 
+def random_blocks(folder: Path, n_samples: int, seed: int):
+    """Random token samples (the first third of each masked) packed into 32-token blocks and
+    written to `folder`: a model-free dataset for engine-level tests."""
+    import random
+
+    from elastic_ft.data.pack import IGNORE_INDEX, pack_samples
+    from elastic_ft.data.prepared import write_blocks
+
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n_samples):
+        n = rng.randint(6, 30)
+        ids = [rng.randint(3, 900) for _ in range(n)]
+        samples.append((f"s{i}", ids, [IGNORE_INDEX] * (n // 3) + ids[n // 3:]))
+    return write_blocks(pack_samples(samples, seq_len=32, pad_id=0, packing=True), folder)
+
+
 class FixedCaps:
     """Micro-batch caps for controller tests: the same cap on every device."""
 
@@ -85,8 +104,9 @@ def places(*node_ids: str) -> list[dict]:
 
 def losses_by_step(out: Path) -> dict[int, float]:
     """Per-step losses of a run; a step redone after a restart replaces the lost one."""
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
-    return {r["step"]: r["loss"] for r in rows}
+    from elastic_ft.events import read_steps
+
+    return {r["step"]: r["loss"] for r in read_steps(out / "metrics.jsonl")}
 
 
 # Per-step losses of a resized or re-split run and a fixed, even run may differ only by
@@ -107,11 +127,30 @@ def assert_same_trajectory(out: Path, reference: dict[int, float], steps: int) -
 
 def assert_each_sample_once(out: Path, global_batch: int = 8) -> None:
     """Every kept sample of epoch 0 was trained exactly once (the tail step wraps to epoch 1)."""
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
+    from elastic_ft.events import read_steps
+
+    rows = {row["step"]: row for row in read_steps(out / "metrics.jsonl")}
     report = json.loads((out / "data_report.json").read_text())
     steps = report["blocks"] // global_batch
     epoch0 = [s for step in range(1, steps + 1) for s in rows[step]["sample_ids"]]
     assert len(epoch0) == len(set(epoch0)) >= report["kept"] * 0.95
+
+
+def spawn_ranks(fn, world: int, *args) -> None:
+    """Run `fn(rank, *args)` as `world` spawned processes: the gloo ranks of one test.
+
+    A fatal signal prints each thread's Python stack (faulthandler), and a rank whose work is
+    done leaves with `os._exit(0)`: interpreter teardown of DeepSpeed engines and gloo threads
+    once aborted a rank in CI after it had finished, which says nothing about the code tested.
+    """
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_then_exit, args=(fn, args), nprocs=world, join=True)
+
+
+def _rank_then_exit(rank: int, fn, args: tuple) -> None:
+    faulthandler.enable()
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
+from elastic_ft.resources.node_health import head_env
 from tests.conftest import ROOT
 
 CLUSTER = ROOT / "configs" / "cluster"
@@ -46,7 +47,10 @@ def test_launcher_has_spot_workers_on_demand_head_and_drain(name: str) -> None:
     assert any("pip install" in c and "elastic_ft" in c for c in config["setup_commands"])
     start = " ".join(config["worker_start_ray_commands"])
     assert "--block" in start and "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S" in start
-    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    for name, value in head_env().items():  # a lost node is declared dead in seconds
+        assert f"{name}={value}" in head_start
 
 
 def test_kuberay_rayjob_manifest() -> None:
@@ -59,6 +63,8 @@ def test_kuberay_rayjob_manifest() -> None:
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     assert head["template"]["spec"]["containers"][0]["image"]
+    head_vars = {e["name"]: e["value"] for e in head["template"]["spec"]["containers"][0]["env"]}
+    assert head_env().items() <= head_vars.items()
     (group,) = cluster["workerGroupSpecs"]
     for field in ("groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"):
         assert field in group, f"KubeRay requires workerGroupSpecs[].{field}"

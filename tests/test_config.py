@@ -32,6 +32,16 @@ def test_bad_value_names_field_and_allowed_values() -> None:
     assert "workers" in text and "min (3) must be <= max (2)" in text
 
 
+def test_lomo_needs_full_fine_tuning_without_deepspeed() -> None:
+    with pytest.raises(ConfigError, match="optim.name lomo is full fine-tuning"):
+        load_config(DEMO, {"optim.name": "lomo"})  # the demo is LoRA
+    with pytest.raises(ConfigError, match="set deepspeed.zero_stage: 0 and no offload"):
+        load_config(DEMO, {"optim.name": "lomo", "method.kind": "full"})  # ZeRO-2
+    cfg = load_config(DEMO, {"optim.name": "lomo", "method.kind": "full",
+                             "deepspeed.zero_stage": 0})
+    assert cfg.optim.name == "lomo"
+
+
 def test_cli_rejects_bad_config_before_ray_starts(tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(DEMO.read_text().replace("zero_stage: 2", "zero_stage: 7"))
@@ -51,3 +61,29 @@ def test_secrets_never_reach_saved_config() -> None:
     assert redact({"storage_path": uri}) == {
         "storage_path": "s3://<redacted>@bucket/runs?region=us-east-1"}
     assert redact({"storage_path": "s3://bucket/runs"}) == {"storage_path": "s3://bucket/runs"}
+
+
+@pytest.mark.parametrize("key", ["HF_TOKEN", "hf_token", "token", "WANDB_API_KEY", "apikey",
+                                 "aws_secret_access_key", "password", "db.credentials"])
+def test_secret_keys_are_redacted(key: str) -> None:
+    from elastic_ft.events import redact, redact_text
+
+    assert redact({key: "abc"}) == {key: "<redacted>"}
+    assert redact_text(f"{key}=abc and more") == f"{key}=<redacted> and more"
+
+
+@pytest.mark.parametrize("key", ["tokenizer", "pad_token_id", "max_new_tokens", "tokens_per_s",
+                                 "trained_real_tokens", "n_tokens", "key", "monkey"])
+def test_settings_that_mention_tokens_are_kept(key: str) -> None:
+    from elastic_ft.events import redact, redact_text
+
+    assert redact({key: "assets/tiny/tokenizer"}) == {key: "assets/tiny/tokenizer"}
+    assert redact_text(f"{key}: 12") == f"{key}: 12"
+
+
+def test_token_shaped_values_are_redacted_under_any_key() -> None:
+    from elastic_ft.events import redact
+
+    hf = "hf_" + "a1B2" * 8
+    assert redact({"note": f"use {hf} here", "commit": "0" * 40}) == {
+        "note": "use <redacted> here", "commit": "0" * 40}

@@ -2,8 +2,9 @@
 by Singh et al. 2024 ("A Study of Optimizations for Fine-tuning Large Language Models").
 
 Cells cross gradient checkpointing x LoRA/full x ZeRO 1/2/3 x attention implementation, each a
-Ray Tune trial running the real recipe at `workers` workers; plus LOMO cells (full fine-tuning
-with the fused SGD-style update, one process, no optimizer state) for the memory comparison.
+Ray Tune trial running the real recipe (`train` under Ray Train) at `workers` workers; plus
+LOMO cells (`optim.name: lomo`: full fine-tuning with the fused SGD-style update, no optimizer
+state, no DeepSpeed) to compare with full AdamW at ZeRO-0 (`--zero 0`).
 Memory is per worker: the CUDA allocator's peak, or on CPU the peak RSS above the process's
 footprint before the model was built.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import itertools
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ def _cell_config(cfg: RunConfig, cell: dict[str, Any], out: Path, steps: int) ->
                                                "attn_implementation": cell["attn"]}),
         "method": cfg.method.model_copy(update={"kind": "full" if cell["method"] == "lomo"
                                                  else cell["method"]}),
+        "optim": cfg.optim.model_copy(update={"name": "lomo"}) if cell["method"] == "lomo"
+        else cfg.optim,
         "deepspeed": cfg.deepspeed.model_copy(update={"zero_stage": cell["zero"] or 0}),
         "train": cfg.train.model_copy(update={"max_steps": steps}),
         "workers": cfg.workers.model_copy(update={"min": cell["workers"],
@@ -34,7 +36,7 @@ def _cell_config(cfg: RunConfig, cell: dict[str, Any], out: Path, steps: int) ->
         "checkpoint": cfg.checkpoint.model_copy(update={"every_steps": steps})})
 
 
-def _deepspeed_cell(cfg: RunConfig) -> dict[str, Any]:
+def _train_cell(cfg: RunConfig) -> dict[str, Any]:
     from elastic_ft.bench.scaling import _reuse_prepared_data
     from elastic_ft.core.trainer import run_training
     from elastic_ft.events import read_events
@@ -47,43 +49,13 @@ def _deepspeed_cell(cfg: RunConfig) -> dict[str, Any]:
             "median_step_s": statistics.median(r["step_s"] for r in rows[1:])}
 
 
-def _lomo_cell(cfg: RunConfig) -> dict[str, Any]:
-    import torch
-
-    from elastic_ft.core.lomo import Lomo
-    from elastic_ft.core.model import load_model
-    from elastic_ft.core.probe import RssPeak
-    from elastic_ft.core.train_loop import peak_mem_bytes
-    from elastic_ft.data.prepared import PreparedData
-
-    data = PreparedData.open(Path(cfg.output_dir).parent / "data" / "prepared")
-    cuda = torch.cuda.is_available()
-    base = peak_mem_bytes()
-    model = load_model(cfg)
-    model = model.cuda() if cuda else model
-    model.train()
-    lomo = Lomo(model, lr=cfg.optim.lr, grad_clip=cfg.optim.grad_clip,
-                loss_scale=2.0**16 if cfg.train.precision == "fp16" else None)
-    micro = int(cfg.train.micro_batch) if cfg.train.micro_batch != "auto" else 1
-    times = []
-    with RssPeak() as rss:
-        for step in range(cfg.train.max_steps or 5):
-            batch = {k: v.to(model.device) for k, v in
-                     data.batch(list(range(step * micro, (step + 1) * micro))).items()}
-            t0 = time.perf_counter()
-            lomo.step(lambda b=batch: model(**b, use_cache=False).loss)
-            times.append(time.perf_counter() - t0)
-    peak = int(torch.cuda.max_memory_allocated()) if cuda else max(rss.peak, peak_mem_bytes()) - base
-    return {"peak_mem_bytes": peak, "median_step_s": statistics.median(times[1:] or times)}
-
-
 def _trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     cell = config["cell"]
     cfg = _cell_config(RunConfig.model_validate(config["run"]), cell,
                        Path(config["out_dir"]) / cell["name"], config["steps"])
-    tune.report(_lomo_cell(cfg) if cell["method"] == "lomo" else _deepspeed_cell(cfg))
+    tune.report(_train_cell(cfg))
 
 
 def matrix_cells(methods: list[str], zero_stages: list[int], ckpt: list[bool], attn: list[str],
@@ -91,7 +63,7 @@ def matrix_cells(methods: list[str], zero_stages: list[int], ckpt: list[bool], a
     cells = [{"method": m, "zero": z, "ckpt": c, "attn": a, "workers": workers}
              for m, z, c, a in itertools.product(methods, zero_stages, ckpt, attn)]
     if lomo:
-        cells += [{"method": "lomo", "zero": None, "ckpt": c, "attn": a, "workers": 1}
+        cells += [{"method": "lomo", "zero": 0, "ckpt": c, "attn": a, "workers": workers}
                   for c, a in itertools.product(ckpt, attn)]
     for cell in cells:
         cell["name"] = (f"{cell['method']}-z{cell['zero']}-{'ckpt' if cell['ckpt'] else 'nockpt'}"

@@ -97,29 +97,39 @@ class VerifiedCheckpoint:
     fs: Any = None
 
 
-def verify_checkpoint(ckpt_dir: str | Path, fs: Any = None) -> VerifiedCheckpoint:
+def verify_checkpoint(ckpt_dir: str | Path, fs: Any = None,
+                      hashed: dict[str, str] | None = None) -> VerifiedCheckpoint:
     """Check state.json and every rank's manifest (sizes and checksums); raise on any gap.
 
     `fs` is a pyarrow filesystem (local when None), so storage on S3/GCS/HDFS is verified
-    in place, before any rank downloads it."""
+    in place, before any rank downloads it. `hashed` (checkpoint path -> digest of its
+    manifests) records checkpoints whose every byte was hashed already: for those only the
+    manifests, the files' presence and sizes are checked, so a checkpoint is read for its
+    checksums once, not at every prune and group start (a 1 GB checkpoint: seconds each)."""
     import pyarrow.fs as pafs
 
     fs = fs or _local_fs()
     path = str(ckpt_dir).rstrip("/")
     try:
-        state = json.loads(_read(fs, f"{path}/{STATE_FILE}"))
+        state_bytes = _read(fs, f"{path}/{STATE_FILE}")
+        state = json.loads(state_bytes)
     except OSError:
         raise CheckpointError(f"{path}: missing {STATE_FILE}") from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: {STATE_FILE} is corrupted ({error})") from None
     world_size = int(state["world_size"])
+    manifests, digest = [], hashlib.sha256(state_bytes)
     for rank in range(world_size):
         try:
-            manifest = json.loads(_read(fs, f"{path}/manifest.rank{rank}.json"))
+            raw = _read(fs, f"{path}/manifest.rank{rank}.json")
+            manifests.append(json.loads(raw))
+            digest.update(raw)
         except OSError:
             raise CheckpointError(f"{path}: missing shard manifest of rank {rank}") from None
         except json.JSONDecodeError:
             raise CheckpointError(f"{path}: shard manifest of rank {rank} is corrupted") from None
+    already = hashed is not None and hashed.get(path) == digest.hexdigest()
+    for rank, manifest in enumerate(manifests):
         rels = sorted(manifest["files"])
         infos = fs.get_file_info([f"{path}/{rel}" for rel in rels])
         for rel, info in zip(rels, infos, strict=True):
@@ -129,8 +139,10 @@ def verify_checkpoint(ckpt_dir: str | Path, fs: Any = None) -> VerifiedCheckpoin
             if info.size != meta["bytes"]:
                 raise CheckpointError(
                     f"{path}: {rel} has {info.size} bytes, manifest says {meta['bytes']}")
-            if _fs_sha256(fs, info.path) != meta["sha256"]:
+            if not already and _fs_sha256(fs, info.path) != meta["sha256"]:
                 raise CheckpointError(f"{path}: {rel} checksum mismatch")
+    if hashed is not None:
+        hashed[path] = digest.hexdigest()
     return VerifiedCheckpoint(path, state, fs)
 
 
@@ -159,36 +171,65 @@ def _checkpoints_newest_first(fs: Any, run_dir: str) -> list[str]:
     return [path for _, _, path in sorted(candidates, reverse=True)]
 
 
-def find_latest_valid(run_dir: str | Path, log: Any = None, fs: Any = None
-                      ) -> VerifiedCheckpoint | None:
+def find_latest_valid(run_dir: str | Path, log: Any = None, fs: Any = None,
+                      hashed: dict[str, str] | None = None) -> VerifiedCheckpoint | None:
     """Newest checkpoint (by step) under a Ray Train run dir that verifies; skips bad ones."""
     fs = fs or _local_fs()
     for ckpt in _checkpoints_newest_first(fs, str(run_dir)):
         try:
-            return verify_checkpoint(ckpt, fs)
+            return verify_checkpoint(ckpt, fs, hashed)
         except CheckpointError as error:
             if log is not None:
                 log(f"skipping invalid checkpoint: {error}")
     return None
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int, fs: Any = None) -> list[str]:
+def prune_checkpoints(run_dir: str | Path, keep: int, fs: Any = None,
+                      scores: dict[int, float] | None = None,
+                      hashed: dict[str, str] | None = None) -> list[str]:
     """Keep-N that never deletes the last valid checkpoint: walking newest first, every
     checkpoint older than the `keep`-th one that verifies is deleted. Newer ones that do not
-    verify stay: an upload still in flight looks exactly like that. Returns deleted paths."""
+    verify stay: an upload still in flight looks exactly like that. With `scores` (eval loss
+    by step), the newest valid checkpoint of the best-scored step among those present is kept
+    too (`checkpoint.keep_best`). With `hashed` (see verify_checkpoint), a checkpoint is
+    hashed by the first prune that counts it and never again. Returns deleted paths."""
     fs = fs or _local_fs()
+    newest_first = _checkpoints_newest_first(fs, str(run_dir))
+    best = _best_scored(fs, newest_first, scores, hashed) if scores else None
     valid, deleted = 0, []
-    for ckpt in _checkpoints_newest_first(fs, str(run_dir)):
-        if valid >= keep:
+    for ckpt in newest_first:
+        if valid >= keep and ckpt != best:
             fs.delete_dir(ckpt)
             deleted.append(ckpt)
             continue
         try:
-            verify_checkpoint(ckpt, fs)
+            verify_checkpoint(ckpt, fs, hashed)
             valid += 1
         except CheckpointError:
             pass
+    if hashed is not None:  # deleted ones need no record
+        for ckpt in deleted:
+            hashed.pop(ckpt.rstrip("/"), None)
     return deleted
+
+
+def checkpoint_step(path: str) -> int | None:
+    named = CHECKPOINT_NAME_RE.match(path.rstrip("/").rsplit("/", 1)[-1])
+    return int(named[1]) if named else None
+
+
+def _best_scored(fs: Any, newest_first: list[str], scores: dict[int, float],
+                 hashed: dict[str, str] | None = None) -> str | None:
+    """The newest valid checkpoint at the step with the lowest score, among those present."""
+    scored = sorted((scores[s], i, c) for i, c in enumerate(newest_first)
+                    if (s := checkpoint_step(c)) is not None and s in scores)
+    for _, _, ckpt in scored:
+        try:
+            verify_checkpoint(ckpt, fs, hashed)
+            return ckpt
+        except CheckpointError:
+            continue
+    return None
 
 
 MODEL_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
@@ -202,13 +243,17 @@ def model_fingerprint(module: Any) -> dict[str, Any]:
 
 
 def check_resumable(state: dict[str, Any], method: str, fingerprint: dict[str, Any],
-                    ckpt_dir: str | Path) -> None:
-    """A checkpoint of another model or method in the run's storage is the wrong run's, not
-    a resume point: say so, before DeepSpeed fails on mismatched tensor shapes."""
+                    ckpt_dir: str | Path, optim: str | None = None) -> None:
+    """A checkpoint of another model, method or optimizer in the run's storage is the wrong
+    run's, not a resume point: say so, before a loader fails on mismatched state."""
     if state.get("method", method) != method:
         raise CheckpointError(
             f"{ckpt_dir}: checkpoint is a {state['method']} run, the config asks for {method}; "
             "point output_dir (or storage_path) at a new directory")
+    if optim is not None and state.get("optim", optim) != optim:
+        raise CheckpointError(
+            f"{ckpt_dir}: checkpoint was trained with optim {state['optim']}, the config asks "
+            f"for {optim}; point output_dir (or storage_path) at a new directory")
     saved = state.get("model")
     if saved and saved != fingerprint:
         diff = {k: (saved.get(k), fingerprint.get(k)) for k in MODEL_KEYS

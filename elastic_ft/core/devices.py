@@ -31,13 +31,16 @@ def hosting_nodes(per_worker: dict[str, float]) -> dict[str, int]:
 
 def wait_for_inventory(controller: Any, per_worker: dict[str, float],
                        timeout_s: float = 30.0) -> list[dict[str, Any]]:
-    """The monitors' inventory once every node that can host a worker has reported."""
+    """The monitors' inventory once every node alive has reported: the ones that can host a
+    worker are planned from it, and every one of them (a CPU head too) is paid for and priced
+    in the cost report."""
     import ray
 
     deadline = time.time() + timeout_s
     while True:
         rows = ray.get(controller.inventory.remote())
-        missing = set(hosting_nodes(per_worker)) - {r["node_id"] for r in rows}
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        missing = (alive | set(hosting_nodes(per_worker))) - {r["node_id"] for r in rows}
         if not missing or time.time() > deadline:
             return rows
         time.sleep(0.2)

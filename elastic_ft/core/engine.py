@@ -67,8 +67,13 @@ def build_engine(cfg: RunConfig, model: Any, plan: WorkerPlan, total_steps: int,
     import deepspeed
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.optim.lr * plan.lr_scale
+    if cfg.optim.name == "lomo":  # no DeepSpeed: the update is fused into the backward
+        from elastic_ft.core.lomo import build_lomo_engine
+
+        return build_lomo_engine(model, lr, lr_lambda(cfg, total_steps), cfg.optim.grad_clip,
+                                 cfg.optim.weight_decay, cfg.train.precision, rank)
+    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optim.name == "adamw":
         optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.optim.betas,
                                       weight_decay=cfg.optim.weight_decay)

@@ -154,12 +154,24 @@ def estimate_memory(shape: ModelShape, method: str, zero_stage: int, world: int,
     - gradient bucket (`reduce_bucket`, 16-bit): stage 3 allocates it at start-up; stages 1-2
       at the first gradient of the backward, when the logits' part of the activations is gone
       but every decoder layer's is still held (for LoRA, all but the last block's).
+    - LOMO (`method="lomo"`): the weights in the training precision, one parameter's gradient
+      and its fp32 copy, the activations; nothing else.
     - stage 3 at W > 1 keeps gathered parameters live from forward to backward (DeepSpeed's
       default reuse distance) up to `max_live_params`.
     """
     buffers = buffers or EngineBuffers.for_shape(shape)
     mixed = precision != "fp32"
     act = DTYPE_BYTES[precision]
+    if method == "lomo":  # core/lomo.py: no DeepSpeed, no optimizer state, no master copy
+        layers, logits = activation_parts(shape, micro_batch, seq_len, act, checkpointing, attn)
+        # one gradient alive (the largest), its fp32 copy and, in 16-bit, an fp32 copy of
+        # the weight it updates (in fp32: the norm pass's square instead)
+        largest = shape.largest_layer_params
+        return MemoryEstimate(
+            params_bytes=int(act * shape.total_params),
+            grads_bytes=int((act + 4 + (4 if mixed else 0)) * largest),
+            optimizer_bytes=0, activations_bytes=layers + logits, overhead_bytes=0,
+            cpu_offload_bytes=0, backward_bytes=0, step_bytes=0)
     if method == "full":
         trainable, frozen_bytes = shape.total_params, 0.0
         first_grad_layers = shape.layers

@@ -31,10 +31,15 @@ def model_shape(cfg: RunConfig):
                              tuple(lora.target_modules))
 
 
+def memory_method(cfg: RunConfig) -> str:
+    """The memory model's method: LOMO is full fine-tuning with another memory picture."""
+    return "lomo" if cfg.optim.name == "lomo" else cfg.method.kind
+
+
 def estimate_for(cfg: RunConfig, world: int, micro_batch: int, use_gpu: bool = True):
     shape = model_shape(cfg)
     return estimate_memory(
-        shape, cfg.method.kind, cfg.deepspeed.zero_stage, world, micro_batch,
+        shape, memory_method(cfg), cfg.deepspeed.zero_stage, world, micro_batch,
         cfg.data.seq_len, cfg.train.precision, cfg.model.gradient_checkpointing,
         cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_params,
         cfg.model.attn_implementation, EngineBuffers.for_shape(shape, use_gpu))
@@ -44,7 +49,7 @@ def estimator_settings(cfg: RunConfig, use_gpu: bool) -> dict[str, Any]:
     """The memory model's settings for this run's workers (all but budget and micro-batch).
     The smallest world size is assumed: ZeRO's shards are largest there."""
     shape = model_shape(cfg)
-    return dict(method=cfg.method.kind, zero_stage=cfg.deepspeed.zero_stage,
+    return dict(method=memory_method(cfg), zero_stage=cfg.deepspeed.zero_stage,
                 world=cfg.workers.min, seq_len=cfg.data.seq_len, precision=cfg.train.precision,
                 checkpointing=cfg.model.gradient_checkpointing,
                 offload_optimizer=cfg.deepspeed.offload_optimizer,

@@ -64,8 +64,9 @@ def plan_table(cfg: RunConfig, devices: list[DeviceGroup]) -> dict[str, Any]:
     precision = "bf16" if cfg.train.precision == "fp32" else cfg.train.precision
     rows = []
     for method, stage, ckpt, offload in itertools.product(
-            ("full", "lora", "qlora"), (0, 1, 2, 3), (False, True), (False, True)):
-        if (offload and stage == 0) or (method == "qlora" and stage == 3):
+            ("full", "lora", "qlora", "lomo"), (0, 1, 2, 3), (False, True), (False, True)):
+        if ((offload and stage == 0) or (method == "qlora" and stage == 3)
+                or (method == "lomo" and stage != 0)):  # LOMO runs without DeepSpeed
             continue
         kwargs = dict(method=method, zero_stage=stage, world=world, seq_len=cfg.data.seq_len,
                       precision=precision, checkpointing=ckpt, offload_optimizer=offload,

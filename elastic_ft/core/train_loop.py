@@ -10,7 +10,6 @@ the split: resizing the group or re-splitting it changes the schedule, not the t
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -31,60 +30,19 @@ from elastic_ft.core.worker_checkpoint import (
     save_final,
     wait_for_restart,
 )
+from elastic_ft.core.worker_env import (
+    hold_to_cuda_cap,
+    peak_mem_bytes,
+    rank_place,
+    training_mem_bytes,
+)
 from elastic_ft.data.prepared import DataPosition, PreparedData, rank_slots
 from elastic_ft.data.shards import SHARD, ShardReader
 
 
-def peak_mem_bytes() -> int:
-    import torch
-
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def training_mem_bytes(baseline_bytes: int) -> int:
-    """Memory the training itself holds: the CUDA allocator's peak, or on CPU the peak RSS
-    above the process's footprint before the model was built (the memory model's unit)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return peak_mem_bytes()
-    return max(0, peak_mem_bytes() - baseline_bytes)
-
-
-def hold_to_cuda_cap() -> None:
-    """`ELASTIC_FT_CUDA_MEM_CAP_BYTES` holds each worker to that much of its GPU without the
-    planner knowing: a drill for a smaller card or a co-tenant, which makes a real
-    `torch.OutOfMemoryError` happen mid-run so the recovery path can be watched."""
-    import torch
-
-    cap = os.environ.get("ELASTIC_FT_CUDA_MEM_CAP_BYTES")
-    if cap and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, int(cap) / total))
-
-
-def rank_place() -> dict[str, Any]:
-    """Where this rank runs, for its plan: node, GPU ids, its own device's total memory (and
-    its node's RAM and budget override, should the node's monitor not have reported yet)."""
-    import psutil
-    import ray
-    import torch
-
-    from elastic_ft.resources.inventory import NODE_BUDGET_ENV
-
-    ctx = ray.get_runtime_context()
-    cuda_total = (torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-                  if torch.cuda.is_available() else None)
-    override = os.environ.get(NODE_BUDGET_ENV)
-    return {"node_id": ctx.get_node_id(), "gpu_ids": list(ctx.get_accelerator_ids().get(
-        "GPU", [])), "cuda_total_bytes": cuda_total, "pid": os.getpid(),
-        "node_mem_bytes": int(psutil.virtual_memory().total),
-        "budget_override_bytes": int(override) if override else None}
-
-
 def train_worker(config: dict[str, Any]) -> None:
+    # rank 0's part of the restart's timeline (resources/recovery.py)
+    marks = {"worker_process_started": _process_start_t(), "train_fn_entered": time.time()}
     import deepspeed  # noqa: F401  (imported before torch work so its accelerator is chosen once)
     import ray
     import ray.train
@@ -92,6 +50,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from elastic_ft.core.engine import apply_lr_scale, build_engine
+    from elastic_ft.core.evaluate import Evaluator
     from elastic_ft.core.model import load_model
     from elastic_ft.core.safe_load import weights_only_loads
     from elastic_ft.core.step import Faults, StepOutOfMemory, train_step
@@ -99,6 +58,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from elastic_ft.resources.planning import WorkerPlan
     from elastic_ft.resources.replan_restart import ReplanRestart
 
+    marks["imported"] = time.time()
     sigterm.arm()  # from here a first SIGTERM means "checkpoint now", not "exit now"
     cfg = RunConfig.model_validate(config["run"])
     ctx = ray.train.get_context()
@@ -115,13 +75,17 @@ def train_worker(config: dict[str, Any]) -> None:
     dist.all_gather_object(places, rank_place())
     node_ids, pids = [p["node_id"] for p in places], [p["pid"] for p in places]
     # each rank's own micro-batch from its own device's budget; one accumulation for all
-    box = [ray.get(controller.plan.remote(places)) if rank == 0 else None]
+    box = [(ray.get(controller.plan.remote(places)), ray.get(controller.evals_done.remote()))
+           if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    plan_dict: dict[str, Any] = box[0]
+    plan_dict: dict[str, Any] = box[0][0]
+    evals_done: set[int] = set(box[0][1])  # steps whose eval is recorded (a re-run's too)
     plan = WorkerPlan.from_dict(plan_dict)
     m, a, g = plan.micro_batch(rank), plan.grad_accum, plan.global_batch
 
+    marks["planned"] = time.time()
     checkpoint = newest_checkpoint(cfg, rank, controller)
+    marks["checkpoint_verified"] = time.time()
     state: dict[str, Any] | None = None
     ckpt_dir: Path | None = None
     ckpt_ctx = checkpoint.as_directory() if checkpoint is not None else None
@@ -143,16 +107,20 @@ def train_worker(config: dict[str, Any]) -> None:
             "seed": cfg.train.seed, "shuffle": cfg.data.shuffle}))
     micro_batches = ShardReader(ray.train.get_dataset_shard(SHARD), m, prefetch_batches=a)
     shard_open_s = time.time() - t_shard
+    marks["data_stream_opened"] = time.time()
 
     from elastic_ft.core.model import trainable_parameters
 
     hold_to_cuda_cap()
     baseline_bytes = peak_mem_bytes()
     model = load_model(cfg)
+    marks["model_loaded"] = time.time()
     engine, scheduler = build_engine(cfg, model, plan, total_steps, universal, rank)
+    marks["engine_built"] = time.time()
     step, position = 0, DataPosition()
     if state is not None and ckpt_dir is not None:
-        check_resumable(state, cfg.method.kind, model_fingerprint(engine.module), ckpt_dir)
+        check_resumable(state, cfg.method.kind, model_fingerprint(engine.module), ckpt_dir,
+                        cfg.optim.name)
         t0 = time.time()
         load_dir, tag = (to_universal(ckpt_dir), f"{TAG}_universal") if universal else (ckpt_dir, TAG)
         with weights_only_loads():  # DeepSpeed's loader would unpickle: code could run
@@ -162,6 +130,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if universal:  # a full converted copy of the checkpoint: not left behind in /tmp
             shutil.rmtree(load_dir, ignore_errors=True)
         step, position = int(state["step"]), DataPosition(**state["position"])
+        marks["checkpoint_loaded"] = time.time()
         if rank == 0:
             controller.record.remote("resume", {
                 "step": step, "world_size": world, "from_world_size": state["world_size"],
@@ -176,9 +145,18 @@ def train_worker(config: dict[str, Any]) -> None:
                                            "shard_open_s": round(shard_open_s, 3),
                                            "trainable_params": trainable, "total_params": total})
 
+    evaluator = (Evaluator(cfg, ray.get(config["eval_ref"]), config["eval_prompts"],
+                           total_steps) if config.get("eval_ref") is not None else None)
+    eval_micro = min(plan.micro_batches)  # one width on every rank: ZeRO-3 forwards in step
+
+    def evaluate_if_due(resumed: bool = False) -> None:
+        if evaluator is not None and evaluator.due(step) and not (resumed and step in evals_done):
+            evaluator.run(engine, step, eval_micro, rank, world, controller)
+
+    evaluate_if_due(resumed=True)  # an eval cut by the restart that brought this group here
     device = engine.device
     pending_poll = controller.poll.remote() if rank == 0 else None
-    t_start, tokens_done, t_last = time.time(), 0, time.time()
+    t_start, tokens_done = time.time(), 0
     last_forward_s = 0.0  # the previous step's forward compute (0: none yet)
     log_sample_ids = cfg.train.log_sample_ids
 
@@ -250,18 +228,14 @@ def train_worker(config: dict[str, Any]) -> None:
                    "tokens_per_s": step_tokens / max(1e-9, now - t_step),
                    "peak_mem_bytes": peak_mem_bytes(), "train_mem_bytes": max(rank_mem),
                    "world_size": world, "epoch": position.epoch}
+        if rank == 0 and marks:  # this group's first step: its recovery timeline is whole
+            controller.group_ready.remote(marks, now, world, step)
+            marks = {}
         if rank == 0:
             controller.metrics.remote(dict(
                 metrics, t=now, trained_real_tokens=step_tokens, rank_mem_bytes=rank_mem,
                 rank_forward_s=[round(x, 6) for x in table[:, 4].tolist()],
                 sample_ids=data.sample_ids(indices) if log_sample_ids else None))
-            if now - t_last > 1.0 or step == total_steps or step == 1:
-                eta = (now - t_start) / max(1, step - int(state["step"] if state else 0)) * (
-                    total_steps - step)
-                print(f"[elastic_ft] step {step}/{total_steps} loss {step_loss:.4f} "
-                      f"tok/s {metrics['tokens_per_s']:.0f} world {world} ETA {eta:.0f}s",
-                      flush=True)
-                t_last = now
 
         periodic = step % cfg.checkpoint.every_steps == 0 or step == total_steps
         if periodic or request is not None:
@@ -275,6 +249,9 @@ def train_worker(config: dict[str, Any]) -> None:
                             jit_kind=request["kind"] if request is not None else None)
             if request is not None and request.get("restart") and step < total_steps:
                 wait_for_restart(cfg, request)
+        # after the checkpoint: a restart that follows it (just-in-time) leaves this step's
+        # eval to the new group; one that never came (wait over) lets it run here
+        evaluate_if_due()
         # No ray.train.report() on other steps: in Ray Train V2 every report is a barrier
         # across workers that costs ~2 s of polling (measured: 0.04 s steps took 2 s).
         # Metrics go to the controller instead.
@@ -287,3 +264,10 @@ def train_worker(config: dict[str, Any]) -> None:
         controller.record.remote("end", {"step": step, "world_size": world,
                                          "peak_mem_bytes": all_peaks,
                                          "wall_s": round(time.time() - t_start, 3)})
+
+
+def _process_start_t() -> float:
+    """When this worker process started (Ray may hand a group a process it started before)."""
+    import psutil
+
+    return psutil.Process().create_time()

@@ -15,6 +15,10 @@ from elastic_ft.config import RunConfig
 from elastic_ft.core.checkpoint import RUN_NAME, find_latest_valid, prune_checkpoints, run_storage
 from elastic_ft.core.model import tokenizer_path
 from elastic_ft.events import EventLog, read_events, redact
+from elastic_ft.report.console import get_console
+from elastic_ft.report.cost import write_cost_report
+from elastic_ft.report.summary import eval_scores, write_summary
+from elastic_ft.report.trackers import check_trackers, open_trackers
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
@@ -104,17 +108,23 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from elastic_ft.core.devices import budgets_by_type, hosting_nodes, wait_for_inventory
+    from elastic_ft.core.evaluate import prompt_records
     from elastic_ft.core.optimizer import resolve_caps
     from elastic_ft.core.train_loop import train_worker
+    from elastic_ft.data.eval_data import EvalSet
     from elastic_ft.data.pipeline import prepare_data
     from elastic_ft.data.shards import SHARD, ScheduledShards
+    from elastic_ft.report.follower import RunFollower
     from elastic_ft.resources.controller import CONTROLLER_NAME, ElasticController
     from elastic_ft.resources.fleet import Fleet
     from elastic_ft.resources.inventory import render_inventory
+    from elastic_ft.resources.recovery import RecoveryClock
     from elastic_ft.resources.replan_restart import ElasticTorchTrainer
     from elastic_ft.resources.restart_gate import CheckpointBeforeResize
 
     t0 = time.time()
+    check_trackers(cfg.logging.trackers)  # a missing package fails before any compute
+    console = get_console()
     cfg = cfg.with_absolute_paths()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,22 +141,28 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     _quiet_ray_data()
     try:
         prepared, report = prepare_data(cfg.data, tokenizer_path(cfg), out, engine="ray",
-                                        trust_remote_code=cfg.model.trust_remote_code)
-        print(report.table(), flush=True)
+                                        trust_remote_code=cfg.model.trust_remote_code,
+                                        evaluation=cfg.eval)
+        console.line(report.table())
+        evalset = EvalSet.open(out) if cfg.eval.enabled else None
         total_steps = total_steps_for(cfg, len(prepared))
         use_gpu = resolve_use_gpu(cfg)
         storage = cfg.resolved_storage_path()
         # Which checkpoint to resume (a re-run, a restart, a resize) is decided in one place:
         # rank 0 verifies the storage when the group starts (worker_checkpoint.py).
-        events.emit("run_start", total_steps=total_steps, use_gpu=use_gpu)
+        events.emit("run_start", total_steps=total_steps, use_gpu=use_gpu,
+                    min_workers=cfg.workers.min, max_workers=cfg.workers.max)
 
         resources = dict(cfg.workers.resources_per_worker) or (
             {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
         here = ray.get_runtime_context().get_node_id()
+        from elastic_ft.core.lomo import MAX_GRAD_ACCUM  # here: it imports torch
+
         fleet = Fleet(None, cfg.train.global_batch, use_gpu, cfg.train.mem_fraction,
                       cfg.train.mem_cap_bytes, cfg.elastic.rebalance_threshold,
                       cfg.elastic.rebalance_window_steps, total_steps,
-                      cfg.elastic.restart_estimate_s)
+                      cfg.elastic.restart_estimate_s,
+                      max_grad_accum=MAX_GRAD_ACCUM if cfg.optim.name == "lomo" else None)
         controller = ray.remote(ElasticController).options(
             name=f"{CONTROLLER_NAME}_{os.getpid()}_{int(t0)}", num_cpus=0, max_concurrency=16,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
@@ -154,11 +170,11 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
                  resources, cfg.elastic.monitor_interval_s, 8,
                  cfg.elastic.jit_checkpoint_on_join, True, cfg.elastic.restart_wait_s,
                  cfg.elastic.preemption_urls, cfg.elastic.preemption_poll_s,
-                 storage, cfg.checkpoint.keep)
+                 storage, cfg.checkpoint.keep, cfg.checkpoint.keep_best)
         # Each rank's budget comes from its own node's monitor: the inventory first, then the
         # micro-batch caps per device type (probed on a node of that type under `auto`).
         inventory = wait_for_inventory(controller, resources)
-        print(render_inventory(inventory), flush=True)
+        console.line(render_inventory(inventory))
         events.emit("inventory", nodes=inventory)
         caps = resolve_caps(cfg, use_gpu, budgets_by_type(
             cfg, use_gpu, hosting_nodes(resources), ray.get(controller.samples.remote())),
@@ -168,14 +184,18 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
             cfg.workers.min if cfg.workers.min == cfg.workers.max
             else (cfg.workers.min, cfg.workers.max))
         # a grow's restart waits for the workers' just-in-time checkpoint (restart_gate.py)
-        gate = ([CheckpointBeforeResize(controller, cfg.elastic.jit_checkpoint_timeout_s)]
+        gate: list[Any] = ([CheckpointBeforeResize(controller, cfg.elastic.jit_checkpoint_timeout_s)]
                 if isinstance(num_workers, tuple) and cfg.elastic.jit_checkpoint_on_join else [])
+        gate.append(RecoveryClock(controller))  # each restart's phases (`recovery` events)
         # a memory re-plan or rebalance restart is not counted as a failure
         trainer = ElasticTorchTrainer(
             train_worker,
             train_loop_config={"run": cfg.to_dict(), "controller": controller,
                                "index_ref": ray.put(prepared.table.select(
-                                   ["n_trainable", "sample_ids"])), "total_steps": total_steps},
+                                   ["n_trainable", "sample_ids"])), "total_steps": total_steps,
+                               "eval_ref": ray.put(evalset.table) if evalset else None,
+                               "eval_prompts": prompt_records(cfg, evalset.prompts)
+                               if evalset else []},
             datasets={SHARD: ray.data.from_arrow(prepared.table)},
             dataset_config=ScheduledShards(controller),
             scaling_config=ScalingConfig(
@@ -189,74 +209,44 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
                 checkpoint_config=CheckpointConfig(num_to_keep=None), callbacks=gate,
                 logging_config=LoggingConfig(log_level="WARNING")),
         )
+        trackers = open_trackers(cfg, out)
+        follower = RunFollower(out, console, trackers, total_steps).start()
         try:
             trainer.fit()
         except Exception as error:
             raise _failed_run(error, cfg, storage, events) from error
         finally:
+            follower.stop()
+            for tracker in trackers:
+                tracker.close()
+            hashed: dict[str, str] = {}
             try:
+                hashed = ray.get(controller.hashed_checkpoints.remote(), timeout=10)
                 ray.get(controller.shutdown.remote(), timeout=10)
             except Exception:
                 pass
             ray.kill(controller)
         try:  # the last async upload too; a finished run does not fail over a prune
             fs, run_dir = run_storage(storage)
-            prune_checkpoints(run_dir, cfg.checkpoint.keep, fs)
+            prune_checkpoints(run_dir, cfg.checkpoint.keep, fs, eval_scores(
+                read_events(events.path)) if cfg.checkpoint.keep_best else None, hashed)
         except OSError as error:
             events.emit("prune_error", error=repr(error))
         summary = write_summary(cfg, out, report, time.time() - t0)
-        if export:
-            from elastic_ft.core.export import export_outputs
+        if export:  # on a node with the memory for it, not here (core/export.py)
+            from elastic_ft.core.export import export_on_cluster
 
-            summary["exported"] = export_outputs(cfg)
+            starts = [e for e in read_events(events.path) if e["event"] == "start"]
+            rank0_node = (starts[-1].get("nodes") or [None])[0] if starts else None
+            summary["exported"] = export_on_cluster(cfg, rank0_node)
+            events.emit("exported", **summary["exported"])
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         events.emit("run_end", wall_s=round(time.time() - t0, 3))
+        console.line(write_cost_report(out).table())
         return summary
     finally:
         if started_ray:
             ray.shutdown()
-
-
-def write_summary(cfg: RunConfig, out: Path, report: Any, wall_s: float) -> dict[str, Any]:
-    metrics = read_events(out / "metrics.jsonl")
-    events = read_events(out / "events.jsonl")
-    ends = [e for e in events if e["event"] == "end"]
-    plans = [e for e in events if e["event"] == "plan"]
-    end = ends[-1] if ends else {}
-    by_step = {m["step"]: m for m in metrics}  # a step redone after a restart replaces the lost one
-    steps = sorted(by_step)
-    tokens = sum(by_step[s]["trained_real_tokens"] for s in steps)
-    step_s = sorted(by_step[s]["step_s"] for s in steps)
-    summary = {
-        "initial_loss": by_step[steps[0]]["loss"],
-        "final_loss": by_step[steps[-1]]["loss"],
-        "steps": steps[-1],
-        "tokens": tokens,
-        "wall_s": round(wall_s, 3),
-        "world_size": end.get("world_size"),
-        "peak_mem_bytes": end.get("peak_mem_bytes"),
-        "median_step_s": step_s[len(step_s) // 2],
-        "tokens_per_s": tokens / max(1e-9, sum(step_s)),
-        # wall clock over the trained span: includes checkpoints, restarts and reports
-        "wall_tokens_per_s": _wall_tokens_per_s(metrics),
-        "padding_ratio": report.padding_tokens / max(1, report.blocks * cfg.data.seq_len),
-        "data_wait_share": sum(m["data_wait_s"] for m in metrics) / max(
-            1e-9, sum(m["step_s"] for m in metrics)),
-        "restarts": len([e for e in events if e["event"] == "resume"]),
-        "plan": plans[-1] if plans else None,
-        "data": {"rows": report.rows, "kept": report.kept, "rejected": report.rejected,
-                 "packing_efficiency": report.packing_efficiency},
-        "config": redact(cfg.to_dict()),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def _wall_tokens_per_s(metrics: list[dict[str, Any]]) -> float:
-    if len(metrics) < 2:
-        return 0.0
-    span_s = metrics[-1]["t"] - metrics[0]["t"]
-    return sum(m["trained_real_tokens"] for m in metrics[1:]) / max(1e-9, span_s)
 
 
 def _failed_run(error: Exception, cfg: RunConfig, storage: str, events: EventLog) -> RuntimeError:
@@ -271,4 +261,8 @@ def _failed_run(error: Exception, cfg: RunConfig, storage: str, events: EventLog
                f"restarts so far {restarts}); {where}; re-run the same command to resume. "
                f"Cause: {str(error).splitlines()[0][:300]}")
     events.emit("run_failed", message=message)
+    try:  # what the run cost so far, next to the error
+        write_cost_report(cfg.output_dir)
+    except Exception as report_error:
+        events.emit("warning", message=f"cost report not written: {report_error!r}")
     return RuntimeError(message)

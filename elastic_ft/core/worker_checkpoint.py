@@ -26,8 +26,10 @@ def newest_checkpoint(cfg: RunConfig, rank: int, controller: Any) -> Any:
     but may never be registered. And Ray's registered checkpoint may since have been
     corrupted. So rank 0 verifies what storage holds (a local or shared path, or a URI such
     as s3://: manifests, sizes, checksums, read in place), skips bad ones with an event, and
-    every rank loads the same one.
+    every rank loads the same one. A checkpoint this run has hashed already (the controller's
+    prune hashes each one once, after its upload) is checked by manifests and sizes only.
     """
+    import ray
     import torch.distributed as dist
     from ray.train import Checkpoint
 
@@ -39,7 +41,11 @@ def newest_checkpoint(cfg: RunConfig, rank: int, controller: Any) -> Any:
         def skipped(message: str) -> None:
             controller.record.remote("checkpoint_invalid", {"error": message})
 
-        latest = find_latest_valid(run_dir, log=skipped, fs=fs)
+        hashed = ray.get(controller.hashed_checkpoints.remote())
+        known = dict(hashed)
+        latest = find_latest_valid(run_dir, log=skipped, fs=fs, hashed=hashed)
+        if hashed != known:
+            controller.checkpoints_hashed.remote(hashed)
         box[0] = latest.path if latest is not None else None
     dist.broadcast_object_list(box, src=0)
     return Checkpoint(box[0], filesystem=fs) if box[0] else None
@@ -76,7 +82,8 @@ def save_and_report(engine: Any, cfg: RunConfig, metrics: dict[str, Any], step: 
     from ray.train import Checkpoint, CheckpointUploadMode
 
     state = {"step": step, "position": position.to_dict(), "world_size": world,
-             "zero_stage": cfg.deepspeed.zero_stage, "method": cfg.method.kind, "plan": plan,
+             "zero_stage": cfg.deepspeed.zero_stage, "method": cfg.method.kind,
+             "optim": cfg.optim.name, "plan": plan,
              "model": model_fingerprint(engine.module), "saved_at": time.time()}
     t0 = time.time()
     tmp = tempfile.mkdtemp(prefix="eft_ckpt_")

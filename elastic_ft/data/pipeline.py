@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from elastic_ft.config import DataConfig
+from elastic_ft.config import DataConfig, EvalConfig
+from elastic_ft.data.eval_data import EVAL_DIR, clear_eval, is_held_out, write_eval
 from elastic_ft.data.formats import FormatError, apply_columns, detect_format, normalise
 from elastic_ft.data.pack import pack_samples
 from elastic_ft.data.prepared import PreparedData, write_blocks
@@ -69,7 +70,10 @@ def process_batch(batch: dict[str, Any], tokenizer_path: str, cfg_json: str,
         canonical.append(row)
         reasons.append((reason, detail))
     ok_rows = [row for row in canonical if row is not None]
-    tokenized = iter(tokenize_rows(ok_rows, tokenizer, cfg.train_on, cfg.template))
+    refused: dict[int, str] = {}
+    tokenized = iter(tokenize_rows(ok_rows, tokenizer, cfg.train_on, cfg.template,
+                                   tuple(cfg.roles_to_train), refused))
+    ok_index = iter(range(len(ok_rows)))
     for i, row in enumerate(canonical):
         reason, detail = reasons[i]
         ids: list[int] = []
@@ -78,6 +82,9 @@ def process_batch(batch: dict[str, Any], tokenizer_path: str, cfg_json: str,
         n_tokens = 0
         if row is not None:
             ids, labels = next(tokenized)
+            k = next(ok_index)
+            if k in refused:
+                reason, detail = Reason.TEMPLATE_REFUSED.value, refused[k]
             n_tokens = len(ids)
             if n_tokens > cfg.seq_len:
                 if cfg.too_long == "drop":
@@ -124,36 +131,32 @@ def _process_ray(formats: dict[str, str], tokenizer_path: str, cfg_json: str,
         yield {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
 
 
-def fingerprint(cfg: DataConfig, tokenizer_path: str) -> str:
+def fingerprint(cfg: DataConfig, tokenizer_path: str, evaluation: EvalConfig | None = None
+                ) -> str:
     files = []
-    for source in expand_sources(cfg.paths):
+    sources = expand_sources(cfg.paths) + (expand_sources(evaluation.paths)
+                                           if evaluation and evaluation.paths else [])
+    for source in sources:
         p = Path(source)
         files.append([source, p.stat().st_size, p.stat().st_mtime] if p.exists() else [source])
-    blob = json.dumps([cfg.model_dump(mode="json"), tokenizer_path, files], sort_keys=True)
+    split = ([evaluation.paths, evaluation.holdout_fraction] if evaluation else None)
+    blob = json.dumps([cfg.model_dump(mode="json"), tokenizer_path, files, split], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
-def prepare_data(cfg: DataConfig, tokenizer_path: str, out_dir: str | Path,
-                 engine: str = "ray", trust_remote_code: bool = False,
-                 write_blocks_file: bool = True) -> tuple[PreparedData | None, DataReport]:
-    """Run the pipeline into `out_dir` (quarantine.jsonl, data_report.json, prepared/)."""
-    out = Path(out_dir)
-    prepared_dir = out / "prepared"
-    stamp = fingerprint(cfg, tokenizer_path)
-    stamp_file = prepared_dir / FINGERPRINT_FILE
-    if write_blocks_file and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
-        return PreparedData.open(prepared_dir), DataReport.load(out / "data_report.json")
-
+def validated_samples(cfg: DataConfig, tokenizer_path: str, quarantine_path: Path, engine: str,
+                      trust_remote_code: bool) -> tuple[list[dict[str, Any]], list[Any],
+                                                        dict[str, str]]:
+    """Read, validate and tokenise every row of `cfg.paths`; rejects and duplicates go to the
+    quarantine file with their reason. Returns (every row, kept rows, formats)."""
     formats = resolve_formats(cfg)
     run = _process_ray if engine == "ray" else _process_local
     rows = list(run(formats, tokenizer_path, cfg.model_dump_json(), trust_remote_code))
     order = {source: i for i, source in enumerate(formats)}
     rows.sort(key=lambda r: (order[r["source"]], r["row"]))
-
-    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
-    kept: list[tuple[str, list[int], list[int]]] = []
+    kept: list[dict[str, Any]] = []
     seen_hashes: set[str] = set()
-    with Quarantine(out / "quarantine.jsonl") as quarantine:
+    with Quarantine(quarantine_path) as quarantine:
         for row in rows:
             if not row["reason"] and row["content_hash"] in seen_hashes:
                 row["reason"], row["detail"] = Reason.DUPLICATE.value, "exact duplicate of an earlier row"
@@ -167,9 +170,57 @@ def prepare_data(cfg: DataConfig, tokenizer_path: str, out_dir: str | Path,
                 quarantine.add(row["source"], row["row"], row["reason"], row["detail"], original)
                 continue
             seen_hashes.add(row["content_hash"])
-            kept.append((f"{row['source']}:{row['row']}", row["input_ids"], row["labels"]))
-    blocks = pack_samples(kept, cfg.seq_len, tokenizer.pad_token_id, cfg.packing)
+            kept.append(row)
+    return rows, kept, formats
+
+
+def _sample(row: dict[str, Any]) -> tuple[str, list[int], list[int]]:
+    return f"{row['source']}:{row['row']}", row["input_ids"], row["labels"]
+
+
+def prepare_data(cfg: DataConfig, tokenizer_path: str, out_dir: str | Path,
+                 engine: str = "ray", trust_remote_code: bool = False,
+                 write_blocks_file: bool = True, evaluation: EvalConfig | None = None
+                 ) -> tuple[PreparedData | None, DataReport]:
+    """Run the pipeline into `out_dir` (quarantine.jsonl, data_report.json, prepared/, and
+    with eval prepared_eval/ and, for eval paths, eval_quarantine.jsonl)."""
+    out = Path(out_dir)
+    prepared_dir = out / "prepared"
+    evaluation = evaluation if evaluation is not None and evaluation.enabled else None
+    stamp = fingerprint(cfg, tokenizer_path, evaluation)
+    stamp_file = prepared_dir / FINGERPRINT_FILE
+    if write_blocks_file and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+        return PreparedData.open(prepared_dir), DataReport.load(out / "data_report.json")
+
+    rows, kept, formats = validated_samples(cfg, tokenizer_path, out / "quarantine.jsonl",
+                                            engine, trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+    held: list[dict[str, Any]] = []
+    eval_counts: dict[str, Any] = {}
+    if evaluation is not None and evaluation.holdout_fraction > 0:
+        held = [r for r in kept if is_held_out(r["content_hash"], evaluation.holdout_fraction)]
+        kept = [r for r in kept if not is_held_out(r["content_hash"],
+                                                   evaluation.holdout_fraction)]
+        eval_counts = {"source": "holdout", "holdout_fraction": evaluation.holdout_fraction}
+    elif evaluation is not None:
+        eval_cfg = cfg.model_copy(update={"paths": evaluation.paths, "max_reject_rate": 1.0})
+        eval_rows, held, _ = validated_samples(eval_cfg, tokenizer_path,
+                                               out / "eval_quarantine.jsonl", engine,
+                                               trust_remote_code)
+        eval_counts = {"source": "paths", "rows": len(eval_rows), "kept": len(held),
+                       "rejected": len(eval_rows) - len(held)}
+    blocks = pack_samples([_sample(r) for r in kept], cfg.seq_len, tokenizer.pad_token_id,
+                          cfg.packing)
     report = build_report(rows, blocks, cfg.seq_len, formats)
+    if evaluation is not None and not held:
+        raise DataQualityError("eval has no samples: raise eval.holdout_fraction or check "
+                               "eval.paths (rejects are in eval_quarantine.jsonl)")
+    if write_blocks_file and evaluation is not None:
+        eval_counts.update(write_eval([_sample(r) for r in held], out / EVAL_DIR, cfg.seq_len,
+                                      tokenizer.pad_token_id, cfg.packing))
+    elif write_blocks_file:
+        clear_eval(out)
+    report.eval = eval_counts
     report.save(out / "data_report.json")
     if report.kept == 0:
         raise DataQualityError(f"no rows survived validation; see {out / 'quarantine.jsonl'}")

@@ -7,50 +7,16 @@ with its parse error, to be quarantined downstream, never dropped here.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from elastic_ft.data.sources import EXTENSIONS, SourceError, expand_sources, load_remote
 from elastic_ft.data.validate import Reason
 
-EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
-              ".arrow": "arrow", ".feather": "arrow"}
-
-
-class SourceError(ValueError):
-    """A data path that cannot be read at all."""
-
-
-def expand_sources(paths: list[str]) -> list[str]:
-    """Files (and `save_to_disk` directories, hub names) in a stable order."""
-    sources: list[str] = []
-    for path in paths:
-        p = Path(path)
-        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
-            sources.append(str(p))
-        elif p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix in EXTENSIONS)
-            if not found:
-                raise SourceError(f"{path}: directory holds no {'/'.join(EXTENSIONS)} files")
-            sources.extend(found)
-        elif any(ch in path for ch in "*?["):
-            found = sorted(f for f in glob.glob(path, recursive=True) if Path(f).suffix in EXTENSIONS)
-            if not found:
-                raise SourceError(f"{path}: glob matches no data files")
-            sources.extend(found)
-        elif p.is_file():
-            if p.suffix not in EXTENSIONS:
-                raise SourceError(f"{path}: unsupported extension; allowed: {', '.join(EXTENSIONS)}")
-            sources.append(str(p))
-        elif "/" in path and not path.startswith((".", "/")) and not p.suffix:
-            sources.append(f"hf://{path}")  # a hub dataset name, loaded when online
-        else:
-            raise SourceError(f"{path}: no such file or directory")
-    return sources
-
+__all__ = ["SourceError", "expand_sources", "read_source", "sample_records"]
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
@@ -77,24 +43,10 @@ def _records(source: str, records: Iterator[dict[str, Any]]) -> Iterator[dict[st
 
 
 def read_source(source: str) -> Iterator[dict[str, Any]]:
-    if source.startswith("hf://"):
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(source[5:], split="train")
-        except Exception as error:  # offline or unknown name
-            raise SourceError(f"{source[5:]}: cannot load hub dataset ({error})") from None
-        yield from _records(source, iter(ds))
+    if source.startswith(("hf://", "disk://")):
+        yield from _records(source, iter(load_remote(source)))
         return
     path = Path(source)
-    if path.is_dir():
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"]
-        yield from _records(source, iter(ds))
-        return
     kind = EXTENSIONS[path.suffix]
     if kind == "jsonl":
         with open(path, "rb") as f:

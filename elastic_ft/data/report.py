@@ -38,6 +38,8 @@ class DataReport:
     trainable_tokens: int
     padding_tokens: int
     by_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    # the eval set: its source (holdout or paths) and counts; blocks above are training's
+    eval: dict[str, Any] = field(default_factory=dict)
 
     @property
     def reject_rate(self) -> float:
@@ -67,6 +69,10 @@ class DataReport:
             f"{'blocks':<22}{self.blocks:>10}",
             f"{'trainable tokens':<22}{self.trainable_tokens:>10}",
         ]
+        if self.eval:
+            lines.append(f"{'eval (' + self.eval['source'] + ')':<22}"
+                         f"{self.eval.get('samples', 0):>10} samples, "
+                         f"{self.eval.get('blocks', 0)} blocks")
         return "\n".join(lines)
 
 

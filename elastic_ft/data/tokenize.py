@@ -26,17 +26,29 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def render_segments(row: dict[str, Any], eos: str, train_on: str) -> list[tuple[str, bool]]:
+def resolve_template(template: str, tokenizer: Any) -> str:
+    """`auto`: the model's own chat template when its tokenizer has one, else the default."""
+    if template != "auto":
+        return template
+    return "chat_template" if getattr(tokenizer, "chat_template", None) else "default"
+
+
+def render_segments(row: dict[str, Any], eos: str, train_on: str,
+                    roles_to_train: tuple[str, ...] = ("assistant",)) -> list[tuple[str, bool]]:
     """The default template; mirrors the tiny tokenizer's chat template."""
     train_all = train_on == "all"
     if "messages" in row and row["messages"] is not None:
         segments = []
         for message in row["messages"]:
             header = ROLE_HEADER[message["role"]]
+            trained = train_all or message["role"] in roles_to_train
             if message["role"] == "assistant":
                 segments.append((header, train_all))
-                segments.append((message["content"] + eos, True))
+                segments.append((message["content"] + eos, trained))
                 segments.append(("\n", train_all))
+            elif trained and not train_all:  # the header stays a prompt
+                segments.append((header, False))
+                segments.append((message["content"] + "\n", True))
             else:
                 segments.append((header + message["content"] + "\n", train_all))
         return segments
@@ -45,53 +57,73 @@ def render_segments(row: dict[str, Any], eos: str, train_on: str) -> list[tuple[
     return [(row["text"] + eos, True)]
 
 
-def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, train_on: str,
-                  template: str) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per canonical row, tokenising all segments of the batch in one call."""
-    if template == "chat_template":
-        return [_chat_template(row, tokenizer, train_on) for row in rows]
+def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, train_on: str, template: str,
+                  roles_to_train: tuple[str, ...] = ("assistant",),
+                  refused: dict[int, str] | None = None) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per canonical row. Conversations go through the model's chat
+    template (data/chat_spans.py) when it is used; the rest through the default layout,
+    all segments of the batch tokenised in one call. With `refused`, a row the template
+    raises on gets empty ids and its message there (by row index) instead of raising."""
+    from elastic_ft.data.chat_spans import TemplateRefused, tokenize_turns
+
+    resolved = resolve_template(template, tokenizer)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = tokenizer.eos_token or ""
-    rendered = [None if "input_ids" in row and row.get("input_ids") is not None
-                else render_segments(row, eos, train_on) for row in rows]
+    out: list[tuple[list[int], list[int]] | None] = [None] * len(rows)
+    rendered: list[list[tuple[str, bool]] | None] = [None] * len(rows)
+    for i, row in enumerate(rows):
+        messages = row.get("messages")
+        if resolved == "chat_template" and messages is None and template == "chat_template" \
+                and row.get("prompt") is not None:
+            messages = [{"role": "user", "content": row["prompt"]},
+                        {"role": "assistant", "content": row["completion"]}]
+        if row.get("input_ids") is not None:
+            ids = list(row["input_ids"])
+            out[i] = (ids, list(row["labels"]) if row.get("labels") is not None else list(ids))
+        elif resolved == "chat_template" and messages is not None:
+            try:
+                out[i] = tokenize_turns(messages, tokenizer, list(roles_to_train),
+                                        train_on == "all")
+            except TemplateRefused as error:
+                if refused is None:
+                    raise
+                refused[i], out[i] = str(error), ([], [])
+        else:
+            rendered[i] = render_segments(row, eos, train_on, roles_to_train)
     flat = [text for segs in rendered if segs for text, _ in segs]
     encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
-    out = []
-    for row, segs in zip(rows, rendered, strict=True):
+    for i, segs in enumerate(rendered):
         if segs is None:
-            ids = list(row["input_ids"])
-            labels = list(row["labels"]) if row.get("labels") is not None else list(ids)
-        else:
-            ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
-            for _, trainable in segs:
-                piece = next(encoded)
-                ids.extend(piece)
-                labels.extend(piece if trainable else [IGNORE_INDEX] * len(piece))
-        labels[0] = IGNORE_INDEX
-        out.append((ids, labels))
-    return out
+            continue
+        ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+        for _, trainable in segs:
+            piece = next(encoded)
+            ids.extend(piece)
+            labels.extend(piece if trainable else [IGNORE_INDEX] * len(piece))
+        out[i] = (ids, labels)
+    result = []
+    for pair in out:
+        assert pair is not None
+        ids, labels = pair
+        if labels:
+            labels[0] = IGNORE_INDEX
+        result.append((ids, labels))
+    return result
 
 
-def _chat_template(row: dict[str, Any], tokenizer: Any, train_on: str) -> tuple[list[int], list[int]]:
-    messages = row.get("messages") or [
-        {"role": "user", "content": row.get("prompt") or ""},
-        {"role": "assistant", "content": row.get("completion") or row.get("text") or ""},
-    ]
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-    ids = list(encoded["input_ids"])
-    mask = encoded.get("assistant_masks") or []
-    if train_on == "all":
-        labels = list(ids)
-    elif not any(mask):
-        raise ValueError(
-            "the tokenizer's chat template has no {% generation %} markers, so assistant tokens "
-            "cannot be found; use data.template: default or data.train_on: all"
-        )
-    else:
-        labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, mask, strict=True)]
-    labels[0] = IGNORE_INDEX
-    return ids, labels
+def render_prompt(text: str, tokenizer: Any, template: str) -> list[int]:
+    """A user turn as training renders it, up to where the assistant's answer starts: the
+    prompt a generation continues from (`eval.prompts`, `elastic-ft generate`)."""
+    if resolve_template(template, tokenizer) == "chat_template":
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                tokenize=True, add_generation_prompt=True,
+                                                return_dict=True)
+        return list(encoded["input_ids"])
+    segments = render_segments({"messages": [{"role": "user", "content": text}]}, "", "all")
+    segments.append((ROLE_HEADER["assistant"], False))  # as training splits it: header, text
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pieces = tokenizer([s for s, _ in segments], add_special_tokens=False)["input_ids"]
+    return bos + [tok for piece in pieces for tok in piece]
 
 
 def count_trainable(labels: list[int]) -> int:

@@ -22,6 +22,7 @@ class Reason(str, Enum):
     TOO_LONG = "too_long"
     DUPLICATE = "duplicate"
     NO_TRAINABLE_TOKENS = "no_trainable_tokens"
+    TEMPLATE_REFUSED = "template_refused"  # the model's chat template raised on the row
 
 
 class RowError(ValueError):

@@ -20,10 +20,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from elastic_ft.events import EventLog
+from elastic_ft.events import EventLog, read_events
+from elastic_ft.report.summary import eval_scores
 from elastic_ft.resources.cluster_watch import ClusterWatch
 from elastic_ft.resources.fleet import Fleet
 from elastic_ft.resources.inventory import RankPlace
+from elastic_ft.resources.recovery import EVENT_MARKS, recovery_timeline, trigger_of
 
 CONTROLLER_NAME = "elastic_ft_controller"
 NAMESPACE = "elastic_ft"
@@ -36,7 +38,7 @@ class ElasticController(ClusterWatch):
                  jit_on_resize: bool = True, start_monitors: bool = True,
                  restart_wait_s: float = 45.0, preemption_urls: list[str] | None = None,
                  preemption_poll_s: float = 2.0, checkpoint_storage: str | None = None,
-                 keep_checkpoints: int | None = None) -> None:
+                 keep_checkpoints: int | None = None, keep_best: bool = False) -> None:
         self.out = Path(output_dir)
         self.events = EventLog(self.out / "events.jsonl")
         self.metrics_path = self.out / "metrics.jsonl"
@@ -56,7 +58,13 @@ class ElasticController(ClusterWatch):
         self.noticed: dict[str, int] = {}  # node -> deadline (ms) from a cloud notice
         self.checkpoint_storage = checkpoint_storage
         self.keep_checkpoints = keep_checkpoints
+        self.keep_best = keep_best
+        # eval loss by step, a re-run's earlier ones included (events.jsonl outlives us)
+        self.eval_losses: dict[int, float] = eval_scores(read_events(self.events.path))
         self._pruning = threading.Lock()
+        # checkpoint path -> digest of its manifests, for checkpoints hashed in full already
+        # (core/checkpoint.py::verify_checkpoint): each is read for its checksums once
+        self.hashed: dict[str, str] = {}
         self.world_size: int | None = None
         self.current_plan: dict[str, Any] | None = None
         self.pending: dict[str, Any] | None = None
@@ -71,6 +79,8 @@ class ElasticController(ClusterWatch):
         self.joined: set[str] = set()  # nodes that joined after the start: node_join pending
         self.draining: dict[str, int] = {}
         self.monitors: dict[str, Any] = {}
+        self.clock_marks: list[tuple[str, float]] = []  # Ray Train's side (RecoveryClock)
+        self.previous_first_step_t: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         if start_monitors:
@@ -85,7 +95,10 @@ class ElasticController(ClusterWatch):
         world_size = len(rank_places)
         with self._lock:
             previous = self.world_size
-            missed = self.pending
+            # a request the old group never answered: steps lost only if it trained any
+            # past the newest complete checkpoint
+            trained = self.trained_step
+            missed = self.pending if trained is not None and trained > self.saved_step else None
             plan, capped = self.fleet.new_group(rank_places)
             self.world_size = world_size
             self.worker_nodes = {p.node_id for p in rank_places}
@@ -193,6 +206,52 @@ class ElasticController(ClusterWatch):
         name = "replan_memory" if replan.kind == "memory" else "rebalance"
         self.events.emit(name, step=self.trained_step, reason=replan.reason, **replan.event)
 
+    # -- a restart's timeline (recovery.py) ------------------------------------------------
+    def clock(self, name: str, t: float) -> None:
+        """From Ray Train's controller: a decision or a worker group change, timestamped."""
+        self.clock_marks.append((name, t))
+
+    def group_ready(self, worker_marks: dict[str, float], first_step_t: float,
+                    world_size: int, step: int) -> None:
+        """Rank 0 after its group's first step: the `recovery` event, from the change that
+        caused this group (or the run's start) to that step."""
+        events = read_events(self.events.path)
+        since = self.previous_first_step_t
+        if since is None:
+            starts = [e["t"] for e in events if e["event"] == "run_start"]
+            trigger = {"kind": "start", "t": starts[-1] if starts else first_step_t}
+        else:
+            trigger = trigger_of(events, since, self.clock_marks)
+        marks = [(EVENT_MARKS[e["event"]], e["t"]) for e in events
+                 if e["event"] in EVENT_MARKS and e["t"] > (since or 0)]
+        marks += [m for m in self.clock_marks if m[1] > (since or 0)]
+        marks += list(worker_marks.items())
+        timeline = recovery_timeline(trigger, marks, first_step_t)
+        self.events.emit("recovery", world_size=world_size, step=step, **timeline)
+        self.previous_first_step_t = first_step_t
+        self.clock_marks = [m for m in self.clock_marks if m[1] > first_step_t]
+
+    def evals_done(self) -> list[int]:
+        return sorted(self.eval_losses)
+
+    def hashed_checkpoints(self) -> dict[str, str]:
+        return dict(self.hashed)
+
+    def checkpoints_hashed(self, hashed: dict[str, str]) -> None:
+        """Rank 0 hashed these at a group start (one the prune had not reached yet)."""
+        self.hashed.update(hashed)
+
+    def evaluated(self, result: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+        """Rank 0, after an eval all ranks ran: the figure, and the generated samples."""
+        self.eval_losses[int(result["step"])] = float(result["eval_loss"])
+        best = min(self.eval_losses.values())
+        self.events.emit("eval", best=result["eval_loss"] <= best, **result)
+        with open(self.metrics_path, "a") as f:  # beside the steps: no "loss" key
+            f.write(json.dumps(dict(result, t=round(time.time(), 3))) + "\n")
+        if samples:
+            with open(self.out / "samples.jsonl", "a") as f:
+                f.writelines(json.dumps(s) + "\n" for s in samples)
+
     def oom(self, rank: int, micro_batch: int, step: int, phase: str) -> bool:
         """An OOM that happened anyway, in any phase of a step: that rank's device gets half
         the micro-batch from now on, and the group restarts from the newest checkpoint.
@@ -212,7 +271,9 @@ class ElasticController(ClusterWatch):
         with self._pruning:
             try:
                 fs, run_dir = run_storage(str(self.checkpoint_storage))
-                deleted = prune_checkpoints(run_dir, int(self.keep_checkpoints or 0), fs)
+                deleted = prune_checkpoints(run_dir, int(self.keep_checkpoints or 0), fs,
+                                            self.eval_losses if self.keep_best else None,
+                                            self.hashed)
             except Exception as error:  # storage briefly unreachable: the next prune retries
                 self.events.emit("prune_error", error=repr(error))
                 return

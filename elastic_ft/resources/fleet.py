@@ -55,12 +55,14 @@ class Fleet:
     def __init__(self, caps: Any, global_batch: int, use_gpu: bool, mem_fraction: float,
                  mem_cap_bytes: int | None, rebalance_threshold: float | None,
                  rebalance_window: int = 5, total_steps: int | None = None,
-                 restart_estimate_s: float = RESTART_GUESS_S) -> None:
+                 restart_estimate_s: float = RESTART_GUESS_S,
+                 max_grad_accum: int | None = None) -> None:
         self.caps = caps  # core.optimizer.MicroBatchCaps (a plain object)
         self.global_batch = global_batch
         self.use_gpu, self.mem_fraction, self.mem_cap_bytes = use_gpu, mem_fraction, mem_cap_bytes
         self.rebalance_threshold = rebalance_threshold  # None: balancing off
         self.window = rebalance_window
+        self.max_grad_accum = max_grad_accum  # LOMO: 1 (no accumulation)
         self.samples: dict[str, dict[str, Any]] = {}  # node -> the monitor's newest sample
         self.cap_limits: dict[str, int] = {}  # device -> lowered cap
         # device -> micro-batch -> its compute per micro-step over recent steps
@@ -98,7 +100,8 @@ class Fleet:
         self.ranks = self.rank_devices(places)
         # balancing off: the split follows memory alone
         costs = self._costs() if self.rebalance_threshold is not None else None
-        self.plan = plan_per_worker([d.cap for d in self.ranks], self.global_batch, costs=costs)
+        self.plan = plan_per_worker([d.cap for d in self.ranks], self.global_batch, costs=costs,
+                                    max_grad_accum=self.max_grad_accum)
         self.peaks = [deque(maxlen=50) for _ in self.ranks]
         self.group_steps = 0
         events = []
@@ -177,7 +180,8 @@ class Fleet:
         measured = [statistics.median(v) * self.plan.grad_accum for v in now]
         costs = self._costs()
         assert costs is not None
-        decision = rebalance_decision(self.plan, measured, costs, self.rebalance_threshold)
+        decision = rebalance_decision(self.plan, measured, costs, self.rebalance_threshold,
+                                      self.max_grad_accum)
         if not decision.rebalance or decision.new_plan is None:
             return None
         if step is not None and self.total_steps and self.step_s:

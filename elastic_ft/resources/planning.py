@@ -116,7 +116,8 @@ def split_slots(slots: int, caps: list[int], costs: list[RankCost]) -> list[int]
 
 
 def plan_per_worker(caps: list[int], global_batch: int, weights: list[float] | None = None,
-                    costs: list[RankCost] | None = None) -> WorkerPlan:
+                    costs: list[RankCost] | None = None,
+                    max_grad_accum: int | None = None) -> WorkerPlan:
     """Split `global_batch` over ranks with memory caps `caps` (max micro-batch per rank) and
     measured `costs` per micro-step, or relative throughputs `weights` (samples/s); alike
     ranks when neither is given.
@@ -127,6 +128,7 @@ def plan_per_worker(caps: list[int], global_batch: int, weights: list[float] | N
     `a` splits the global batch exactly (the caps are too small, or fewer slots than ranks),
     take the feasible `M * a` nearest to it (ties: the smaller, then fewer micro-steps) and
     scale the learning rate by G' / G (the linear scaling rule, Goyal et al. 2017), recorded.
+    `max_grad_accum` bounds `a` (LOMO: 1, its update is fused into the one backward).
     """
     world = len(caps)
     if world < 1 or global_batch < 1:
@@ -147,7 +149,8 @@ def plan_per_worker(caps: list[int], global_batch: int, weights: list[float] | N
                           actual / global_batch, reason, tuple(caps),
                           tuple((c.fixed_s, c.per_sample_s) for c in cost) if measured else ())
 
-    exact = [plan(global_batch // accum, accum, "exact") for accum in range(1, global_batch + 1)
+    accums = range(1, min(global_batch, max_grad_accum or global_batch) + 1)
+    exact = [plan(global_batch // accum, accum, "exact") for accum in accums
              if global_batch % accum == 0 and world <= global_batch // accum <= room]
     if exact:
         if not measured:  # alike ranks: the fewest micro-steps (the largest micro-batches)
@@ -158,7 +161,7 @@ def plan_per_worker(caps: list[int], global_batch: int, weights: list[float] | N
         fastest = min(p.predicted_step(cost) for p in exact)
         return next(p for p in exact if p.predicted_step(cost) <= fastest * 1.1)
     best: tuple[int, int, int, int] | None = None  # (|dev|, G', a, M)
-    for accum in range(1, global_batch + 1):
+    for accum in accums:
         for slots in {global_batch // accum, -(-global_batch // accum)}:
             slots = max(world, min(room, slots))
             actual = slots * accum
@@ -187,7 +190,8 @@ class RebalanceDecision:
 
 
 def rebalance_decision(plan: WorkerPlan, measured_step_s: list[float | None],
-                       costs: list[RankCost], threshold: float) -> RebalanceDecision:
+                       costs: list[RankCost], threshold: float,
+                       max_grad_accum: int | None = None) -> RebalanceDecision:
     """Re-split the global batch by measured speed when the slowest rank's compute per step
     (`measured_step_s`, at the current split) exceeds the fastest's by more than `threshold`,
     and only when the split that `costs` predict best is faster by more than `threshold` too:
@@ -203,7 +207,8 @@ def rebalance_decision(plan: WorkerPlan, measured_step_s: list[float | None],
         return RebalanceDecision(False, f"imbalance {imbalance:.0%} within {threshold:.0%}",
                                  step_s, imbalance)
     caps = list(plan.caps) if plan.caps else [plan.requested_global_batch] * plan.world_size
-    new = plan_per_worker(caps, plan.requested_global_batch, costs=costs)
+    new = plan_per_worker(caps, plan.requested_global_batch, costs=costs,
+                          max_grad_accum=max_grad_accum)
     speedup = plan.predicted_step(costs) / max(1e-12, new.predicted_step(costs))
     if new.micro_batches == plan.micro_batches or speedup - 1 <= threshold:
         return RebalanceDecision(False, f"imbalance {imbalance:.0%}, but no split within the "

@@ -21,16 +21,23 @@ WORKER_RESOURCES = {"CPU": 1, TRAINER_RESOURCE: 1}
 
 
 class FakeNodeCluster:
-    def __init__(self, num_nodes: int = 2, head_cpus: int = 2) -> None:
+    def __init__(self, num_nodes: int = 2, head_cpus: int = 2,
+                 head_labels: dict[str, str] | None = None,
+                 training_health_check: bool = True) -> None:
+        """`training_health_check`: the head declares a lost node dead as the shipped cluster
+        configs do (resources/node_health.py); False keeps Ray's defaults."""
         import ray
         from ray.cluster_utils import Cluster
 
-        from elastic_ft.resources import sigterm
+        from elastic_ft.resources import node_health, sigterm
 
         if ray.is_initialized():
             ray.shutdown()
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": head_cpus, "include_dashboard": False})
+        head: dict[str, Any] = {"num_cpus": head_cpus, "include_dashboard": False,
+                                "labels": head_labels or {}}
+        if training_health_check:
+            head["_system_config"] = dict(node_health.SYSTEM_CONFIG)
+        self.cluster = Cluster(initialize_head=True, head_node_args=head)
         self.nodes: list[Any] = [self.add_node() for _ in range(num_nodes)]
         ray.init(address=self.cluster.address, log_to_driver=False,
                  runtime_env=sigterm.RUNTIME_ENV)
@@ -107,10 +114,9 @@ class BackgroundRun:
         return self.result
 
     def metrics(self) -> list[dict[str, Any]]:
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        from elastic_ft.events import read_steps
+
+        return read_steps(self.out / "metrics.jsonl")
 
     def events(self) -> list[dict[str, Any]]:
         from elastic_ft.events import read_events

@@ -42,6 +42,14 @@ def test_another_methods_checkpoint_is_named_not_loaded() -> None:
         check_resumable({"method": "full", "model": dict(TINY)}, "lora", dict(TINY), "c")
 
 
+def test_another_optimizers_checkpoint_is_named_not_loaded() -> None:
+    # LOMO's checkpoint holds weights and a loss scale, AdamW's DeepSpeed shards and moments
+    with pytest.raises(CheckpointError, match="trained with optim lomo, the config asks for "
+                                              "adamw"):
+        check_resumable({"method": "full", "optim": "lomo"}, "full", dict(TINY), "c", "adamw")
+    check_resumable({"method": "full"}, "full", dict(TINY), "c", "lomo")  # before the field
+
+
 def _checkpoint(run: Path, step: int, world_size: int = 2) -> Path:
     """A checkpoint as the workers write it: per-rank shard files and manifests, state.json."""
     ckpt = run / checkpoint_dir_name(step, 1 + step / 1000)  # checkpoint_000000SS_1SSS
@@ -84,6 +92,20 @@ def test_keep_n_deletes_the_oldest(tmp_path) -> None:
     assert prune_checkpoints(tmp_path, keep=2) == []
 
 
+def test_keep_best_keeps_the_best_eval_loss_besides_the_newest(tmp_path) -> None:
+    for step in (10, 20, 30, 40, 50):
+        _checkpoint(tmp_path, step)
+    scores = {10: 2.0, 20: 1.5, 25: 0.1, 30: 1.7, 40: 1.9, 50: 2.1}  # 25: an eval, no ckpt
+    prune_checkpoints(tmp_path, keep=2, scores=scores)
+    assert _steps(tmp_path) == [20, 40, 50]
+    _truncate(tmp_path / "checkpoint_00000020_1020")  # the best no longer loads: next best
+    _checkpoint(tmp_path, 60)
+    prune_checkpoints(tmp_path, keep=1, scores=scores)
+    assert _steps(tmp_path) == [40, 60]
+    prune_checkpoints(tmp_path, keep=1)  # without scores: keep-N alone
+    assert _steps(tmp_path) == [60]
+
+
 def test_keep_n_never_deletes_the_last_valid_checkpoint(tmp_path) -> None:
     """Ray's num_to_keep=1 would keep only step 50, which no longer loads: the run could then
     only start over. Ours keeps the newest checkpoint that verifies, and the newer bad ones
@@ -99,6 +121,41 @@ def test_keep_n_never_deletes_the_last_valid_checkpoint(tmp_path) -> None:
         _checkpoint(tmp_path, step)
     prune_checkpoints(tmp_path, keep=1)
     assert _steps(tmp_path) == [70]
+
+
+def test_each_checkpoint_is_hashed_once_then_checked_by_size(tmp_path, monkeypatch) -> None:
+    """A run's prunes and group starts share one record of the checkpoints hashed in full:
+    each file's checksum is read once; afterwards manifests and sizes are checked, which
+    still catch a partial or missing file (a new manifest is hashed again)."""
+    from elastic_ft.core import checkpoint
+
+    reads: list[str] = []
+    original = checkpoint._fs_sha256
+    monkeypatch.setattr(checkpoint, "_fs_sha256",
+                        lambda fs, path: reads.append(path) or original(fs, path))
+    hashed: dict[str, str] = {}
+    entries = 2 * 3  # the helper's 2 manifests list the same 3 files
+    verified: list[str] = []
+    for step in (10, 20, 30):
+        _checkpoint(tmp_path, step)
+        reads.clear()  # writing the manifests hashed the files: count the checks alone
+        prune_checkpoints(tmp_path, keep=2, hashed=hashed)
+        verified += reads
+    assert _steps(tmp_path) == [20, 30] and len(hashed) == 2
+    assert len(verified) == 3 * entries  # each new checkpoint once, none again
+    reads.clear()
+    assert find_latest_valid(tmp_path, hashed=hashed).state["step"] == 30
+    assert reads == []  # the group start's check read no checksum
+    _truncate(tmp_path / "checkpoint_00000030_1030")  # still caught: by its size
+    assert find_latest_valid(tmp_path, hashed=hashed).state["step"] == 20
+    rewritten = _checkpoint(tmp_path / "other", 40)
+    hashed[str(rewritten)] = "a digest of other manifests"  # same path, new manifests
+    reads.clear()
+    verify_checkpoint(rewritten, hashed=hashed)
+    assert len(reads) == entries  # hashed anew
+    reads.clear()
+    verify_checkpoint(tmp_path / "checkpoint_00000020_1020")  # no record: every byte
+    assert len(reads) == entries
 
 
 def test_prune_keeps_an_upload_in_flight(tmp_path) -> None:

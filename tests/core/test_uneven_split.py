@@ -10,29 +10,21 @@ instead of per global batch, moves them by > 1e-2.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
 from elastic_ft.config import load_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, random_blocks, spawn_ranks
 
 SPLITS = {"even": (2, 2), "uneven": (3, 1)}
 STEPS = 3
 
 
 def _prepared(tmp_path: Path):
-    from elastic_ft.data.pack import IGNORE_INDEX, pack_samples
-    from elastic_ft.data.prepared import PreparedData, write_blocks
+    from elastic_ft.data.prepared import PreparedData
 
-    rng = random.Random(3)
-    samples = []
-    for i in range(40):
-        n = rng.randint(6, 30)
-        ids = [rng.randint(3, 900) for _ in range(n)]
-        samples.append((f"s{i}", ids, [IGNORE_INDEX] * (n // 3) + ids[n // 3:]))
-    write_blocks(pack_samples(samples, seq_len=32, pad_id=0, packing=True), tmp_path / "data")
+    random_blocks(tmp_path / "data", 40, seed=3)
     return PreparedData.open(tmp_path / "data")
 
 
@@ -81,11 +73,9 @@ def _rank(rank: int, port: int, tiny_assets: str, tmp: str) -> None:
 
 
 def test_uneven_split_matches_even_split_at_every_zero_stage(tmp_path, tiny_assets) -> None:
-    import torch.multiprocessing as mp
-
     from elastic_ft.core.ports import free_port
 
-    mp.spawn(_rank, args=(free_port(), str(tiny_assets), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_rank, 2, free_port(), str(tiny_assets), str(tmp_path))
     results = json.loads((tmp_path / "losses.json").read_text())
     for stage in (0, 1, 2, 3):
         even, uneven = results[f"{stage}/even"], results[f"{stage}/uneven"]

@@ -1,8 +1,6 @@
-"""The tokenizer's own chat template: loss only on assistant tokens, via {% generation %}."""
+"""The tokenizer's own chat template: loss only on assistant tokens."""
 
 from __future__ import annotations
-
-import pytest
 
 from elastic_ft.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_rows
 
@@ -25,9 +23,14 @@ def test_chat_template_masks_all_but_assistant_turns(tiny_assets) -> None:
     assert all_ids == ids and all_labels[1:] == ids[1:]
 
 
-def test_template_without_generation_markers_fails_clearly(tiny_assets) -> None:
-    tokenizer = load_tokenizer(str(tiny_assets))
+def test_template_without_generation_markers_trains_the_assistant_turns(tiny_assets) -> None:
+    """Most models' templates have no {% generation %} markers: the turns are found by
+    rendering the conversation up to each one (data/chat_spans.py)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets)
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
                                "{% endfor %}")
-    with pytest.raises(ValueError, match="no {% generation %} markers"):
-        tokenize_rows([ROW], tokenizer, "completion", "chat_template")
+    (ids, labels), = tokenize_rows([ROW], tokenizer, "completion", "chat_template")
+    trained = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+    assert tokenizer.decode(trained).replace(" ", "") == "tacgod"

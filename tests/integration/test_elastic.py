@@ -81,9 +81,15 @@ def test_shrink_then_grow_keeps_global_batch_and_trajectory(cluster, tiny_assets
     assert all(r["universal"] for r in resumes)  # optimizer state re-partitioned, not reset
     # the shrink resumes from the last checkpoint; the grow loses nothing: Ray Train's restart
     # waits in the restart gate until the workers' just-in-time checkpoint is in storage
+    # (when the join finds the group with no step trained since its newest periodic
+    # checkpoint, the gate has nothing to wait for and the grow resumes from that one)
     jit = _of(events, "jit_checkpoint")
-    assert jit and jit[-1]["reason"] == "resize"
-    assert resumes[1]["step"] == jit[-1]["step"]
+    trained_alone = [m["step"] for m in run.metrics() if m["world_size"] == 1]
+    assert resumes[1]["step"] == max(trained_alone)  # no step trained at 1 worker was lost
+    if jit:
+        assert jit[-1]["reason"] == "resize" and resumes[1]["step"] == jit[-1]["step"]
+    else:
+        assert resumes[1]["step"] % 40 == 0  # the periodic checkpoint at that step
     assert not _of(events, "jit_checkpoint_missed") and not _of(events, "jit_checkpoint_timeout")
     # and the controller had Ray look at the cluster at once instead of at its next 20 s tick
     refreshed = _of(events, "reservations_refreshed")
@@ -126,11 +132,21 @@ def _assert_no_step_lost(events: list[dict], summary: dict, out: Path,
 
 def test_preemption_drain_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_assets,
                                                                   reference, tmp_path):
+    """With an eval at every step: the eval of the notice's step, cut by the restart that
+    follows its checkpoint, is redone by the new group, and eval moves no training loss."""
     out = tmp_path / "drain"
     node = cluster.nodes[-1]
+    held = tmp_path / "eval.jsonl"
+    held.write_text("\n".join((ROOT / "data" / "sample" / "alpaca.jsonl").read_text(
+    ).splitlines()[1500:1512]) + "\n")
     events, summary = _notice_then_node_goes(
         cluster, tiny_assets, out, node, lambda run: cluster.drain_node(node, deadline_s=30),
-        "drain notice")
+        "drain notice", **{"eval.paths": [str(held)], "eval.every_steps": 1,
+                           "eval.num_samples": 0})
+    evals, jit = _of(events, "eval"), _of(events, "jit_checkpoint")[-1]
+    assert {e["step"] for e in evals} == set(range(1, STEPS + 1))
+    resume = [r for r in _of(events, "resume") if r["t"] > jit["t"]][0]
+    assert [e["t"] > resume["t"] for e in evals if e["step"] == jit["step"]] == [True]
 
     draining = _of(events, "node_draining")
     assert draining and draining[0]["deadline_ms"] > 0

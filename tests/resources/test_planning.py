@@ -80,6 +80,26 @@ def test_examples() -> None:
     assert WorkerPlan.from_dict(small.to_dict()) == small
 
 
+def test_lomo_plans_one_micro_step_per_step() -> None:
+    """LOMO's update is fused into its one backward: the whole share in one micro-batch, and
+    when the caps cannot hold the global batch, the nearest that fits, its rate scaled."""
+    rng = random.Random(1)
+    for _ in range(500):
+        caps = [rng.randint(1, 16) for _ in range(rng.randint(1, 6))]
+        global_batch = rng.randint(1, 64)
+        plan = plan_per_worker(caps, global_batch, max_grad_accum=1)
+        _check(plan, caps, global_batch)
+        assert plan.grad_accum == 1
+        assert plan.global_batch == max(len(caps), min(global_batch, sum(caps)))
+    assert plan_per_worker([4, 4], 8, max_grad_accum=1).micro_batches == (4, 4)
+    capped = plan_per_worker([2, 2], 8, max_grad_accum=1)  # without the bound: (2, 2) x 2
+    assert (capped.micro_batches, capped.grad_accum, capped.lr_scale) == ((2, 2), 1, 0.5)
+    slow = rebalance_decision(plan_per_worker([8, 8], 8, max_grad_accum=1), [1.0, 3.0],
+                              costs_from_weights([3.0, 1.0]), 0.1, max_grad_accum=1)
+    assert slow.rebalance and slow.new_plan.micro_batches == (6, 2)
+    assert slow.new_plan.grad_accum == 1
+
+
 def _measured(plan: WorkerPlan, costs: list[RankCost]) -> list[float]:
     return [plan.grad_accum * c.micro_step_s(m)
             for m, c in zip(plan.micro_batches, costs, strict=True)]
