@@ -136,6 +136,14 @@ def assert_each_sample_once(out: Path, global_batch: int = 8) -> None:
     assert len(epoch0) == len(set(epoch0)) >= report["kept"] * 0.95
 
 
+def placement_tries(events: list[dict]) -> list[tuple[str, int]]:
+    """(trigger, attempts) of each restart: how many times Ray Train tried to place the new
+    group. One when it sized the group from reservations that left out draining and dead
+    nodes (resources/restart_gate.py); each extra one waited out `workers.start_timeout_s`."""
+    return [(e["trigger"], [p["phase"] for p in e["phases"]].count("new_group_scheduling"))
+            for e in events if e["event"] == "recovery" and e["trigger"] != "start"]
+
+
 def spawn_ranks(fn, world: int, *args) -> None:
     """Run `fn(rank, *args)` as `world` spawned processes: the gloo ranks of one test.
 

@@ -120,7 +120,11 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     from elastic_ft.resources.inventory import render_inventory
     from elastic_ft.resources.recovery import RecoveryClock
     from elastic_ft.resources.replan_restart import ElasticTorchTrainer
-    from elastic_ft.resources.restart_gate import CheckpointBeforeResize
+    from elastic_ft.resources.restart_gate import (
+        CheckpointBeforeResize,
+        RefreshBeforeRestart,
+        start_drain_aware_coordinator,
+    )
 
     t0 = time.time()
     check_trackers(cfg.logging.trackers)  # a missing package fails before any compute
@@ -139,7 +143,10 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
     started_ray = ensure_ray()
     _quiet_ray_data()
+    elastic = cfg.workers.min < cfg.workers.max
     try:
+        # before Ray Data or Ray Train start the plain one, which would stay (restart_gate.py)
+        events.emit("coordinator", drain_aware=start_drain_aware_coordinator())
         prepared, report = prepare_data(cfg.data, tokenizer_path(cfg), out, engine="ray",
                                         trust_remote_code=cfg.model.trust_remote_code,
                                         evaluation=cfg.eval)
@@ -181,11 +188,12 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
             events)
         ray.get(controller.set_caps.remote(caps))
         num_workers: int | tuple[int, int] = (
-            cfg.workers.min if cfg.workers.min == cfg.workers.max
-            else (cfg.workers.min, cfg.workers.max))
-        # a grow's restart waits for the workers' just-in-time checkpoint (restart_gate.py)
+            (cfg.workers.min, cfg.workers.max) if elastic else cfg.workers.min)
+        # a grow's restart waits for the workers' just-in-time checkpoint, and a restart after
+        # a failure sizes the new group from fresh reservations (restart_gate.py)
         gate: list[Any] = ([CheckpointBeforeResize(controller, cfg.elastic.jit_checkpoint_timeout_s)]
-                if isinstance(num_workers, tuple) and cfg.elastic.jit_checkpoint_on_join else [])
+                           if elastic and cfg.elastic.jit_checkpoint_on_join else [])
+        gate += [RefreshBeforeRestart()] if elastic else []
         gate.append(RecoveryClock(controller))  # each restart's phases (`recovery` events)
         # a memory re-plan or rebalance restart is not counted as a failure
         trainer = ElasticTorchTrainer(

@@ -13,7 +13,7 @@ import pytest
 
 from elastic_ft.config import load_config
 from elastic_ft.testing.fake_nodes import WORKER_RESOURCES, BackgroundRun, FakeNodeCluster
-from tests.conftest import ROOT
+from tests.conftest import ROOT, placement_tries
 
 pytestmark = pytest.mark.ray
 
@@ -123,6 +123,9 @@ def test_cost_report_of_a_run_through_join_drain_and_hard_loss(tiny_assets, tmp_
     for r in recoveries[1:]:
         assert {"old_group_stopped", "new_workers_started", "checkpoint_loaded"} <= {
             p["phase"] for p in r["phases"]}
+    # each new group placed at the first try: neither the draining node nor the lost one was
+    # counted (resources/restart_gate.py)
+    assert [n for _, n in placement_tries(events)] == [1, 1, 1, 1], placement_tries(events)
     assert report["recoveries"] == [{k: r[k] for k in ("trigger", "world_size", "step",
                                                        "total_s", "phases")}
                                     for r in recoveries]

@@ -17,6 +17,7 @@ from tests.conftest import (
     assert_each_sample_once,
     assert_same_trajectory,
     losses_by_step,
+    placement_tries,
 )
 
 pytestmark = pytest.mark.ray
@@ -94,6 +95,8 @@ def test_shrink_then_grow_keeps_global_batch_and_trajectory(cluster, tiny_assets
     # and the controller had Ray look at the cluster at once instead of at its next 20 s tick
     refreshed = _of(events, "reservations_refreshed")
     assert refreshed and all(r["done"] for r in refreshed)
+    # and the shrink's group was placed at the first try, without the lost node
+    assert [n for _, n in placement_tries(events)] == [1, 1], placement_tries(events)
     assert summary["steps"] == STEPS and summary["world_size"] == 2
     assert_same_trajectory(out, reference, STEPS)
     assert_each_sample_once(out)
@@ -151,6 +154,8 @@ def test_preemption_drain_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_a
     draining = _of(events, "node_draining")
     assert draining and draining[0]["deadline_ms"] > 0
     assert _of(events, "preemption_info")  # Ray Train's own view agreed with the controller
+    # the new group was placed at the first try: the draining node was not counted
+    assert [n for trigger, n in placement_tries(events) if trigger == "drain"] == [1]
     _assert_no_step_lost(events, summary, out, reference, "drain")
 
 

@@ -7,10 +7,12 @@ tests/integration/test_elastic.py.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 from ray.train.v2._internal.execution.controller.state import (
+    ReschedulingState,
     ResizingState,
     RestartingState,
     RunningState,
@@ -19,7 +21,14 @@ from ray.train.v2._internal.execution.controller.state import (
 from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
 
 from elastic_ft.events import read_events
-from elastic_ft.resources.restart_gate import CheckpointBeforeResize, refresh_ray_reservations
+from elastic_ft.resources.restart_gate import (
+    CheckpointBeforeResize,
+    RefreshBeforeRestart,
+    refresh_ray_reservations,
+    start_drain_aware_coordinator,
+    unreachable_nodes,
+    without_draining,
+)
 from tests.conftest import fleet_for_tests, places
 
 pytestmark = pytest.mark.ray
@@ -104,3 +113,71 @@ def test_refresh_has_rays_coordinator_recompute_reservations(ray_local):
     assert refresh_ray_reservations() is True
     ray_local.kill(coordinator)
     assert refresh_ray_reservations() is False  # no coordinator: no error, just slower
+
+
+def test_a_draining_node_counts_as_gone_and_nothing_else_changes() -> None:
+    nodes = [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 4.0}},
+             {"NodeID": "b", "Alive": True, "Resources": {"CPU": 4.0}},
+             {"NodeID": "c", "Alive": False, "Resources": {"CPU": 4.0}}]
+    seen = without_draining(nodes, {"b": 1_700_000_000_000, "z": 0})
+    assert [n["Alive"] for n in seen] == [True, False, False]
+    assert seen[1]["Resources"] == {"CPU": 4.0} and nodes[1]["Alive"] is True  # a copy
+    assert without_draining(nodes, []) == nodes
+
+
+def test_drain_aware_coordinator_starts_unless_a_plain_one_runs(ray_local):
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    plain = get_or_create_autoscaling_coordinator()  # as an earlier job would have left it
+    assert start_drain_aware_coordinator() is False
+    ray_local.kill(plain)
+    assert start_drain_aware_coordinator() is True
+    assert start_drain_aware_coordinator() is True  # a later run finds it, as Ray Train does
+    ours = get_or_create_autoscaling_coordinator()
+    assert ray_local.get(ours.drain_aware.remote()) is True
+    # it answers Ray Train's and Ray Data's calls as the plain one does
+    ray_local.get(ours.request_resources.remote(
+        requester_id="t", resources=[{"CPU": 1}], expire_after_s=60))
+    assert refresh_ray_reservations() is True
+    reserved = ray_local.get(ours.get_reserved_resources.remote("t", recompute=True))
+    assert sum(bundle.get("CPU", 0) for bundle in reserved.values()) >= 1
+    ray_local.kill(ours)
+
+
+def test_restart_hook_refreshes_and_outwaits_rays_cached_reservations(ray_local) -> None:
+    hook = RefreshBeforeRestart()
+    t0 = time.monotonic()
+    hook.after_controller_state_update(RunningState(), RunningState())
+    hook.after_controller_state_update(
+        SchedulingState(ResizeDecision(num_workers=1, resources_per_worker={})), RunningState())
+    assert time.monotonic() - t0 < 0.5  # not a restart: nothing to do
+    t0 = time.monotonic()  # from a running group: Ray Train may have read them just now
+    hook.group_nodes = {ray_local.get_runtime_context().get_node_id()}  # alive, answering
+    hook.after_controller_state_update(RunningState(), RestartingState(None))
+    assert 1.0 <= time.monotonic() - t0 < hook.death_wait_s
+    t0 = time.monotonic()  # a failed placement: Ray Train read nothing since
+    hook.after_controller_state_update(
+        SchedulingState(ResizeDecision(num_workers=1, resources_per_worker={})),
+        ReschedulingState(None))
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_a_node_of_the_group_whose_raylet_refuses_is_waited_for() -> None:
+    with socket.socket() as listening, socket.socket() as gone:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        gone.bind(("127.0.0.1", 0))  # a port nothing listens on: a killed raylet's
+        up_port, gone_port = listening.getsockname()[1], gone.getsockname()[1]
+
+        def node(node_id: str, alive: bool, port: int) -> dict:
+            return {"NodeID": node_id, "Alive": alive, "NodeManagerAddress": "127.0.0.1",
+                    "NodeManagerPort": port}
+
+        nodes = [node("up", True, up_port), node("killed", True, gone_port),
+                 node("declared", False, gone_port), node("elsewhere", True, gone_port)]
+        # only the old group's nodes the GCS still lists as alive are probed
+        assert unreachable_nodes({"up", "killed", "declared", "unknown"}, nodes, 0.5) == {
+            "killed"}
+        assert unreachable_nodes(set(), nodes, 0.5) == set()
