@@ -26,3 +26,11 @@ SYSTEM_CONFIG: dict[str, int] = {
 def head_env() -> dict[str, str]:
     """The same settings as the head's environment variables."""
     return {f"RAY_{name}": str(value) for name, value in SYSTEM_CONFIG.items()}
+
+
+def death_detection_s() -> float:
+    """The longest the head takes with these settings to declare a killed node dead: the
+    failed checks in a row, one period apart, the last one timing out."""
+    return (SYSTEM_CONFIG["health_check_failure_threshold"]
+            * SYSTEM_CONFIG["health_check_period_ms"]
+            + SYSTEM_CONFIG["health_check_timeout_ms"]) / 1000

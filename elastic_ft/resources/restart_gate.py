@@ -44,17 +44,15 @@ from ray.train.v2._internal.execution.controller.state import (
 )
 from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
 
-from elastic_ft.resources.node_health import SYSTEM_CONFIG
+from elastic_ft.resources.node_health import death_detection_s
 
 logger = logging.getLogger(__name__)
 
 COORDINATOR_NAME = "AutoscalingCoordinator"  # ray.data ... default_autoscaling_coordinator
 REQUESTER_ID = "elastic_ft"
-# how long the GCS takes to declare a killed node dead with the training health checks
-# (node_health.py: failures x period + timeout), and 2 s to spare
-DEATH_WAIT_S = (SYSTEM_CONFIG["health_check_failure_threshold"]
-                * SYSTEM_CONFIG["health_check_period_ms"]
-                + SYSTEM_CONFIG["health_check_timeout_ms"]) / 1000 + 2.0
+# how long the GCS takes to declare a killed node dead with the training health checks, and
+# 2 s to spare
+DEATH_WAIT_S = death_detection_s() + 2.0
 
 
 class CheckpointBeforeResize(ControllerCallback):
