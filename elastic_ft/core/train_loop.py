@@ -95,9 +95,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
         state = json.loads((ckpt_dir / "state.json").read_text())
     universal = state is not None and needs_universal(state, world)
-    # The data starts where the checkpoint does. Ray Data starts the rank's stream at its first
-    # micro-batch: an executor and a task, ~3.5 s of the first step on 2 cores. Fetching it in
-    # the background while the model loads was slower still: both want the same cores.
+    # The data starts where the checkpoint does; the reader fetches its first blocks from the
+    # object store while the model loads (data/shards.py).
     t_shard = time.time()
     if rank == 0:  # before the shard call, which has Ray Train cut the shards along it
         ray.get(controller.set_data_schedule.remote({
@@ -105,7 +104,7 @@ def train_worker(config: dict[str, Any]) -> None:
             "steps": total_steps - (int(state["step"]) if state else 0), "world_size": world,
             "micro_batches": list(plan.micro_batches), "grad_accum": a, "global_batch": g,
             "seed": cfg.train.seed, "shuffle": cfg.data.shuffle}))
-    micro_batches = ShardReader(ray.train.get_dataset_shard(SHARD), m, prefetch_batches=a)
+    micro_batches = ShardReader(ray.train.get_dataset_shard(SHARD), prefetch_batches=a)
     shard_open_s = time.time() - t_shard
     marks["data_stream_opened"] = time.time()
 
@@ -256,6 +255,7 @@ def train_worker(config: dict[str, Any]) -> None:
         # across workers that costs ~2 s of polling (measured: 0.04 s steps took 2 s).
         # Metrics go to the controller instead.
 
+    micro_batches.close()
     all_peaks = [0] * world
     dist.all_gather_object(all_peaks, peak_mem_bytes())
     save_final(engine, cfg, rank)

@@ -113,7 +113,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     from elastic_ft.core.train_loop import train_worker
     from elastic_ft.data.eval_data import EvalSet
     from elastic_ft.data.pipeline import prepare_data
-    from elastic_ft.data.shards import SHARD, ScheduledShards
+    from elastic_ft.data.shards import SHARD, ScheduledShards, split_for_store
     from elastic_ft.report.follower import RunFollower
     from elastic_ft.resources.controller import CONTROLLER_NAME, ElasticController
     from elastic_ft.resources.fleet import Fleet
@@ -204,7 +204,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
                                "eval_ref": ray.put(evalset.table) if evalset else None,
                                "eval_prompts": prompt_records(cfg, evalset.prompts)
                                if evalset else []},
-            datasets={SHARD: ray.data.from_arrow(prepared.table)},
+            datasets={SHARD: ray.data.from_arrow(split_for_store(prepared.table))},
             dataset_config=ScheduledShards(controller),
             scaling_config=ScalingConfig(
                 num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,

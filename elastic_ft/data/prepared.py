@@ -21,7 +21,6 @@ from elastic_ft.data.pack import Block
 
 BLOCKS_FILE = "blocks.arrow"
 PAD_SLOT = -1  # fills a short last batch; an all-masked block that trains nothing
-_TABLES: dict[str, pa.Table] = {}  # per process: the prepared blocks, fetched once
 
 
 @dataclass(frozen=True)
@@ -65,20 +64,18 @@ def next_global_batch(order: list[int], position: DataPosition,
     return chosen, after
 
 
-def rank_stream(n_blocks: int, position: DataPosition, steps: int, global_batch: int, seed: int,
-                shuffle: bool, micro_batches: Sequence[int], rank: int,
-                grad_accum: int) -> list[int]:
-    """Every block slot this rank trains in the next `steps` steps, in order: its
-    micro-batches of each global batch, back to back (PAD_SLOT where a batch runs short)."""
-    slots: list[int] = []
+def rank_micro_batches(n_blocks: int, position: DataPosition, steps: int, global_batch: int,
+                       seed: int, shuffle: bool, micro_batches: Sequence[int], rank: int,
+                       grad_accum: int) -> Iterator[list[int]]:
+    """The block slots of each micro-batch this rank trains in the next `steps` steps, in
+    order (PAD_SLOT where a batch runs short). Lazy: a 100k-step run's schedule is never built
+    at once."""
     order, epoch = [], -1
     for _ in range(steps):
         if position.epoch != epoch:
             order, epoch = epoch_order(n_blocks, position.epoch, seed, shuffle), position.epoch
         chosen, position = next_global_batch(order, position, global_batch)
-        for micro in rank_slots(chosen, micro_batches, rank, grad_accum):
-            slots.extend(micro)
-    return slots
+        yield from rank_slots(chosen, micro_batches, rank, grad_accum)
 
 
 class PreparedData:
@@ -156,25 +153,3 @@ def rank_slots(global_indices: list[int], micro_batches: Sequence[int], rank: in
     padded = list(global_indices) + [PAD_SLOT] * (per_micro * grad_accum - len(global_indices))
     return [padded[j * per_micro + start: j * per_micro + start + width]
             for j in range(grad_accum)]
-
-
-def gather_blocks(batch: dict[str, np.ndarray], refs: list[Any],
-                  rows_per_output: int) -> Iterator[dict[str, np.ndarray]]:
-    """The blocks at these slots, in order, `rows_per_output` at a time; PAD_SLOT gives an
-    all-masked block.
-
-    Ray Data runs this in the tasks that feed the workers' shards (data/shards.py): it lives
-    here, in a module that imports no more than pyarrow, so a fresh task worker starts fast.
-    """
-    import ray
-
-    key = ",".join(r.hex() for r in refs)
-    if key not in _TABLES:
-        _TABLES.clear()
-        _TABLES[key] = pa.concat_tables(ray.get(list(refs)))
-    table = _TABLES[key]
-    all_slots = np.concatenate([np.asarray(c, dtype=np.int64) for c in batch["slots"]])
-    step = max(1, rows_per_output)
-    for start in range(0, len(all_slots), step):
-        slots = all_slots[start:start + step]
-        yield {"slot": slots, **take_blocks(table, slots)}

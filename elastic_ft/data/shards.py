@@ -1,12 +1,19 @@
 """The workers' data: Ray Train's dataset sharding, cut along the world-size-independent schedule.
 
-The trainer passes the prepared blocks as `datasets={"train": ...}` with `ScheduledShards` as
-its `dataset_config`, and each worker reads `ray.train.get_dataset_shard("train")`. Ray Data's
-default split (`streaming_split`) hands blocks to whichever rank asks first, so after a restart
-nobody could say which samples the lost group had trained. Here each (re)started group gets
-one ordered Ray Data stream per rank: exactly that rank's micro-batches from the checkpoint's
-data position to the end of the run (`prepared.rank_stream`). The schedule decides which
-blocks, Ray Data moves them, and the worker checks every micro-batch against the schedule.
+The trainer passes the prepared blocks as `datasets={"train": ...}` (a materialised Ray Dataset:
+its blocks sit in Ray's object store) with `ScheduledShards` as its `dataset_config`, and each
+worker reads `ray.train.get_dataset_shard("train")`. Ray Data's default split
+(`streaming_split`) hands blocks to whichever rank asks first, so after a restart nobody could
+say which samples the lost group had trained. Here each (re)started group gets one `RankFeed`
+per rank: the dataset's block refs and the group's schedule, from which the rank reads exactly
+its micro-batches from the checkpoint's data position to the end of the run
+(`prepared.rank_micro_batches`). The worker checks every micro-batch against the schedule.
+
+A rank reads its rows straight from the object store, in a background thread (`ShardReader`),
+holding only the blocks its next micro-batches need. An earlier version ran a Ray Data
+pipeline per rank and group start; starting its executor and tasks (new worker processes on a
+node that just joined) was most of a restart's first step: 4-6 s after a drain or a loss,
+9-12 s after a join, on 2 cores (benchmarks/elastic_recovery.py).
 
 Rank 0 hands the controller the group's schedule before the first `get_dataset_shard` call;
 Ray Train runs `configure` when rank 0 makes that call (a barrier for the other ranks).
@@ -14,19 +21,26 @@ Ray Train runs `configure` when rank 0 makes that call (a barrier for the other 
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray.train import DataConfig
 
-from elastic_ft.data.prepared import DataPosition, gather_blocks, rank_stream
+from elastic_ft.data.prepared import PAD_SLOT, DataPosition, rank_micro_batches, take_blocks
 
 SHARD = "train"
-STEPS_PER_BLOCK = 16  # one output block of a gather task: this many steps of one rank
-MAX_ITEMS = 16  # gather tasks per rank and group start, at most
+BLOCK_BYTES = 64 * 1024**2  # the prepared table's blocks in the object store, about this size
+CACHED_BLOCKS = 8  # blocks a rank keeps fetched (at least one micro-batch's worth)
 
 
 class ScheduledShards(DataConfig):
+    """Ray Train's `dataset_config`: `configure` gives each rank of a group its `RankFeed`."""
+
     def __init__(self, controller: Any) -> None:
         super().__init__(datasets_to_split="all")  # configured once per group, by rank 0's call
         self.controller = controller
@@ -37,54 +51,127 @@ class ScheduledShards(DataConfig):
         from ray.util.debug import log_once
 
         # Ray Data warns once that a job "will hang" while no CPU is free (the training
-        # workers hold them): not so here, nothing below reserves a CPU
+        # workers hold them): not so here, reading the blocks' refs reserves no CPU
         log_once("cpu_warning")
         schedule = ray.get(self.controller.data_schedule.remote())
         if schedule is None or schedule["world_size"] != world_size:
             raise RuntimeError(f"elastic_ft: no data schedule for a group of {world_size} "
                                f"workers (controller has {schedule})")
-        blocks = datasets[SHARD]
-        refs = blocks.to_arrow_refs()  # a materialised dataset: its blocks, not a copy
-        n_blocks = blocks.count()
-        return [{SHARD: rank_dataset(refs, n_blocks, schedule, rank).iterator()}
+        refs, first_rows = block_refs(datasets[SHARD])
+        return [{SHARD: RankFeed(refs, first_rows, schedule, rank)}
                 for rank in range(world_size)]
 
 
-def rank_dataset(refs: list[Any], n_blocks: int, schedule: dict[str, Any], rank: int,
-                 max_items: int = MAX_ITEMS) -> Any:
-    import ray
+def block_refs(dataset: Any) -> tuple[list[Any], list[int]]:
+    """The refs of a materialised dataset's blocks, in order, and each block's first row
+    (plus the row count at the end): from the blocks' metadata, without reading them."""
+    refs, first_rows = [], [0]
+    for bundle in dataset.iter_internal_ref_bundles():
+        for entry in bundle.blocks:
+            refs.append(entry.ref)
+            first_rows.append(first_rows[-1] + int(entry.metadata.num_rows))
+    return refs, first_rows
 
-    slots = rank_stream(n_blocks, DataPosition(**schedule["position"]), schedule["steps"],
-                        schedule["global_batch"], schedule["seed"], schedule["shuffle"],
-                        schedule["micro_batches"], rank, schedule["grad_accum"])
-    per_step = schedule["micro_batches"][rank] * schedule["grad_accum"]
-    # At most MAX_ITEMS items, whatever the run's length (a 100k-step run made 6250 blocks
-    # here and took 16 s per group start); each task yields STEPS_PER_BLOCK steps at a time.
-    per_item = per_step * max(STEPS_PER_BLOCK, -(-schedule["steps"] // max_items))
-    chunks = [{"slots": np.asarray(slots[i:i + per_item], dtype=np.int64)}
-              for i in range(0, len(slots), per_item)] or [
-                  {"slots": np.zeros(0, dtype=np.int64)}]
-    # from_items builds its blocks here; from_numpy would run a task per block, which waits
-    # forever for a CPU once the training workers hold them all (this runs at group start)
-    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
-        gather_blocks, batch_format="numpy", batch_size=1,
-        fn_kwargs={"refs": refs, "rows_per_output": STEPS_PER_BLOCK * per_step},
-        # a copy of blocks the node already holds: no CPU reservation, for the same reason
-        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(2, len(chunks))))
-    ds.context.execution_options.preserve_order = True  # the schedule's order, not arrival's
-    return ds
+
+def split_for_store(table: Any, block_bytes: int = BLOCK_BYTES) -> list[Any]:
+    """The prepared table as slices of about `block_bytes` (zero-copy), one block each: a rank
+    fetches only the blocks its micro-batches are in."""
+    rows = max(1, block_bytes * max(1, len(table)) // max(1, table.nbytes))
+    return [table.slice(i, rows) for i in range(0, len(table), rows)] or [table]
+
+
+@dataclass(frozen=True)
+class RankFeed:
+    """What one rank of a group reads: the blocks' refs, each block's first row, the group's
+    schedule and the rank. Small: the schedule is computed where it is read."""
+
+    refs: list[Any]
+    first_rows: list[int]
+    schedule: dict[str, Any]
+    rank: int
+
+    def micro_batch_slots(self) -> Iterator[list[int]]:
+        s = self.schedule
+        return rank_micro_batches(self.first_rows[-1], DataPosition(**s["position"]),
+                                  s["steps"], s["global_batch"], s["seed"], s["shuffle"],
+                                  s["micro_batches"], self.rank, s["grad_accum"])
+
+
+class BlockCache:
+    """Rows by slot from the object store's blocks, the `max_blocks` last used kept fetched."""
+
+    def __init__(self, refs: list[Any], first_rows: list[int],
+                 max_blocks: int = CACHED_BLOCKS) -> None:
+        self.refs, self.first_rows, self.max_blocks = refs, np.asarray(first_rows), max_blocks
+        self._tables: OrderedDict[int, Any] = OrderedDict()
+
+    def take(self, slots: list[int]) -> dict[str, np.ndarray]:
+        import pyarrow as pa
+
+        ids = np.asarray(slots, dtype=np.int64)
+        real = ids[ids != PAD_SLOT]
+        blocks = (np.searchsorted(self.first_rows, real, side="right") - 1).tolist()
+        tables = self._fetch(sorted(set(blocks)) or [0])
+        rows = [tables[b].slice(int(i) - int(self.first_rows[b]), 1)
+                for i, b in zip(real, blocks, strict=True)]
+        table = pa.concat_tables(rows) if rows else tables[0]
+        local = np.full(len(ids), PAD_SLOT, dtype=np.int64)
+        local[ids != PAD_SLOT] = np.arange(len(real))
+        return take_blocks(table, local)
+
+    def _fetch(self, blocks: list[int]) -> dict[int, Any]:
+        import ray
+
+        missing = [b for b in blocks if b not in self._tables]
+        for b, table in zip(missing, ray.get([self.refs[b] for b in missing]), strict=True):
+            self._tables[b] = table
+        for b in blocks:
+            self._tables.move_to_end(b)
+        while len(self._tables) > max(self.max_blocks, len(blocks)):
+            self._tables.popitem(last=False)
+        return {b: self._tables[b] for b in blocks}
+
+
+_END = object()
 
 
 class ShardReader:
-    """This rank's micro-batches, in order, from its shard of the schedule."""
+    """This rank's micro-batches, in order, read ahead by a background thread from the moment
+    the feed arrives (the blocks come while the model loads)."""
 
-    def __init__(self, shard: Any, micro_batch: int, prefetch_batches: int) -> None:
-        self._batches = iter(shard.iter_batches(batch_size=micro_batch, batch_format="numpy",
-                                                prefetch_batches=prefetch_batches))
+    def __init__(self, feed: RankFeed, prefetch_batches: int) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch_batches))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(feed,), daemon=True,
+                                        name="elastic-ft-shard")
+        self._thread.start()
+
+    def _read(self, feed: RankFeed) -> None:
+        try:
+            cache = BlockCache(feed.refs, feed.first_rows)
+            for slots in feed.micro_batch_slots():
+                self._put({"slot": np.asarray(slots, dtype=np.int64), **cache.take(slots)})
+                if self._stop.is_set():
+                    return
+            self._put(_END)
+        except Exception as exc:  # surfaced by next(), on the training thread
+            self._put(exc)
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def next(self) -> dict[str, np.ndarray]:
-        batch = next(self._batches, None)
-        if batch is None:
+        item = self._queue.get()
+        if item is _END:
             raise RuntimeError("elastic_ft: the data shard ended before the schedule did")
-        return batch
+        if isinstance(item, Exception):
+            raise RuntimeError(f"elastic_ft: reading this rank's data failed: {item}") from item
+        return item
 
+    def close(self) -> None:
+        self._stop.set()

@@ -1,5 +1,5 @@
 """The workers' shards: Ray Train's dataset sharding (a real `DataConfig.configure` over a real
-Ray Data stream) cut along the schedule. The full runs, resized mid-epoch, are in
+materialised Ray Dataset, read from the object store) cut along the schedule. The full runs, resized mid-epoch, are in
 tests/integration (test_train.py, test_elastic.py: every sample id trained exactly once)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from elastic_ft.data.prepared import (
     PAD_SLOT,
     DataPosition,
     PreparedData,
+    rank_micro_batches,
     rank_slots,
-    rank_stream,
     write_blocks,
 )
 from elastic_ft.data.tokenize import IGNORE_INDEX
@@ -46,16 +46,29 @@ def test_rank_stream_is_the_schedule_step_by_step(tmp_path, micro, accum, global
             indices, position = data.global_batch(position, global_batch, seed=7, shuffle=True)
             for slot in rank_slots(indices, micro, rank, accum):
                 assert len(slot) == micro[rank]
-                expected.extend(slot)
-        assert rank_stream(len(data), start, steps, global_batch, 7, True, micro, rank,
-                           accum) == expected
+                expected.append(slot)
+        assert list(rank_micro_batches(len(data), start, steps, global_batch, 7, True, micro,
+                                       rank, accum)) == expected
+
+
+def _read_all(feed, n: int) -> list[dict]:
+    from elastic_ft.data.shards import ShardReader
+
+    reader = ShardReader(feed, prefetch_batches=2)
+    got = [reader.next() for _ in range(n)]
+    with pytest.raises(RuntimeError, match="data shard ended before the schedule did"):
+        reader.next()
+    reader.close()
+    return got
 
 
 @pytest.mark.ray
-def test_configure_gives_each_rank_its_scheduled_blocks_in_order(ray_local, tmp_path):
+@pytest.mark.parametrize("block_bytes", [1 << 30, 200])  # one block; many blocks of ~2 rows
+def test_configure_gives_each_rank_its_scheduled_blocks_in_order(ray_local, tmp_path,
+                                                                 block_bytes):
     import numpy as np
 
-    from elastic_ft.data.shards import SHARD, ScheduledShards
+    from elastic_ft.data.shards import SHARD, ScheduledShards, split_for_store
 
     data = _prepared(tmp_path)
 
@@ -73,14 +86,17 @@ def test_configure_gives_each_rank_its_scheduled_blocks_in_order(ray_local, tmp_
                 "micro_batches": list(micro), "grad_accum": accum, "global_batch": global_batch,
                 "seed": 5, "shuffle": True}
     controller = ray_local.remote(Controller).remote(schedule)
-    blocks = ray_local.data.from_arrow(data.table)
-    iterators = ScheduledShards(controller).configure({SHARD: blocks}, world, None, None)
-    assert len(iterators) == world
+    parts = split_for_store(data.table, block_bytes)
+    assert (len(parts) == 1) == (block_bytes > data.table.nbytes)
+    blocks = ray_local.data.from_arrow(parts)
+    feeds = ScheduledShards(controller).configure({SHARD: blocks}, world, None, None)
+    assert len(feeds) == world
     delivered: list[int] = []
     for rank in range(world):
-        got = list(iterators[rank][SHARD].iter_batches(batch_size=micro[rank],
-                                                       batch_format="numpy"))
+        feed = feeds[rank][SHARD]
+        assert len(feed.refs) == len(parts) and feed.first_rows[-1] == len(data)
         expected = _schedule_slots(data, start, steps, global_batch, rank, micro, accum)
+        got = _read_all(feed, len(expected))
         assert [b["slot"].tolist() for b in got] == expected
         for batch, slot in zip(got, expected, strict=True):
             reference = data.batch(slot)  # the tokens PreparedData itself would give
@@ -109,19 +125,35 @@ def _schedule_slots(data: PreparedData, position: DataPosition, steps: int, glob
 
 
 @pytest.mark.ray
-def test_a_long_run_is_few_tasks_each_yielding_in_order(ray_local, tmp_path):
-    """100 steps into 2 items: each gather task yields its 50 steps 16 at a time, in order."""
-    from elastic_ft.data.shards import rank_dataset
+def test_a_rank_holds_only_the_blocks_it_reads(ray_local, tmp_path):
+    """Many small blocks: the cache never holds more than its bound, an all-padding
+    micro-batch is all masked, and a block that cannot be read fails the reader's next()."""
+    import numpy as np
+
+    from elastic_ft.data.shards import BlockCache, RankFeed, block_refs, split_for_store
 
     data = _prepared(tmp_path)
-    world, micro, accum, global_batch, steps = 2, (1, 1), 2, 4, 100
-    start = DataPosition(epoch=0, consumed=3)
-    schedule = {"position": start.to_dict(), "steps": steps, "world_size": world,
-                "micro_batches": list(micro), "grad_accum": accum, "global_batch": global_batch,
-                "seed": 5, "shuffle": True}
-    blocks = ray_local.data.from_arrow(data.table)
-    for rank in range(world):
-        ds = rank_dataset(blocks.to_arrow_refs(), len(data), schedule, rank, max_items=2)
-        got = [b["slot"].tolist()
-               for b in ds.iterator().iter_batches(batch_size=1, batch_format="numpy")]
-        assert got == _schedule_slots(data, start, steps, global_batch, rank, micro, accum)
+    refs, first_rows = block_refs(ray_local.data.from_arrow(split_for_store(data.table, 200)))
+    assert len(refs) > 4
+    cache = BlockCache(refs, first_rows, max_blocks=2)
+    for slots in ([0, 1], [len(data) - 1, 5, PAD_SLOT], [7, 3, 11]):
+        batch = cache.take(slots)
+        reference = data.batch(slots)
+        for name in ("input_ids", "labels", "position_ids"):
+            assert np.array_equal(batch[name], reference[name].numpy()), name
+        assert len(cache._tables) <= max(2, len(slots))
+    padding = cache.take([PAD_SLOT, PAD_SLOT])
+    assert (padding["labels"] == IGNORE_INDEX).all() and padding["input_ids"].shape[0] == 2
+
+    from elastic_ft.data.shards import ShardReader
+
+    schedule = {"position": DataPosition().to_dict(), "steps": 2, "micro_batches": [2],
+                "grad_accum": 1, "global_batch": 2, "seed": 0, "shuffle": False}
+    reader = ShardReader(RankFeed(refs, first_rows, schedule, 0), prefetch_batches=1)
+    assert reader.next()["slot"].tolist() == [0, 1]
+    reader.close()
+    # metadata that promises rows block 0 does not have: the error reaches the training thread
+    broken = ShardReader(RankFeed(refs[:1], [0, len(data)], dict(schedule, position={
+        "epoch": 0, "consumed": len(data) - 2}), 0), prefetch_batches=1)
+    with pytest.raises(RuntimeError, match="reading this rank's data failed"):
+        broken.next()
