@@ -14,6 +14,7 @@ from typing import Any
 
 from elastic_ft.resources.inventory import inventory_row
 from elastic_ft.resources.policy import resize_decision
+from elastic_ft.resources.preemption import drain_noticed_node
 from elastic_ft.resources.restart_gate import refresh_ray_reservations
 
 
@@ -47,11 +48,16 @@ class ClusterWatch:
                 if n in self.fleet.samples]
 
     def preemption_notice(self, node_id: str, notice: dict[str, Any]) -> None:
-        """A cloud metadata notice from a node's monitor: handled like a Ray drain."""
+        """A cloud metadata notice from a node's monitor, or a SIGTERM to a worker: Ray is
+        told to drain the node (`drain_noticed_node`), and it is handled as a Ray drain."""
         deadline_s = notice.get("deadline_s")
-        self.noticed[node_id] = int(deadline_s * 1000) if deadline_s else 0
+        deadline_ms = int((time.time() + deadline_s) * 1000) if deadline_s else 0
+        self.noticed[node_id] = deadline_ms
+        ray_drain = node_id not in self.draining and drain_noticed_node(
+            node_id, deadline_ms, f"elastic_ft: {notice['source']} notice: {notice['detail']}")
         self.events.emit("preemption_notice", node_id=node_id, source=notice["source"],
-                         cloud=notice["kind"], deadline_s=deadline_s, detail=notice["detail"])
+                         cloud=notice["kind"], deadline_s=deadline_s, detail=notice["detail"],
+                         ray_drain=ray_drain)
         self._watch_nodes()
 
     def request_checkpoint(self, kind: str, restart: bool, reason: str) -> None:

@@ -109,3 +109,31 @@ def first_notice(urls: list[str], timeout_s: float = 1.0) -> PreemptionNotice | 
         if notice is not None:
             return notice
     return None
+
+
+def drain_noticed_node(node_id: str, deadline_ms: int, message: str) -> bool:
+    """Tell Ray the noticed node is going, as its autoscaler does before it removes a spot
+    node: a preemption drain with the notice's deadline (0: none known).
+
+    Ray then places nothing new there, so the group that restarts after the just-in-time
+    checkpoint leaves the node out (Ray Train and the drain-aware coordinator both see it
+    draining), instead of starting again on it and losing the steps when it goes. A cloud
+    notice or a SIGTERM reaches only our monitor or worker; Ray would not know otherwise.
+    Never the head node: the cluster ends with it, and on a one-node cluster a drained head
+    could host no new group at all. False then, or when the GCS refused or could not be
+    reached (the run waits for the node to go, as before).
+    """
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    try:
+        node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+        if node is None or "node:__internal_head__" in node.get("Resources", {}):
+            return False
+        gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
+        accepted, _ = gcs.drain_node(
+            node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            message[:200], max(0, int(deadline_ms)))
+        return bool(accepted)
+    except Exception:  # internal to Ray 2.60: a missing drain costs a slower restart only
+        return False

@@ -133,6 +133,18 @@ def _assert_no_step_lost(events: list[dict], summary: dict, out: Path,
     assert_each_sample_once(out)
 
 
+def _assert_noticed_node_drained_and_left_out(events: list[dict], node_id: str) -> None:
+    """A notice Ray itself did not send (SIGTERM, cloud metadata) is passed on to Ray as a
+    drain: the group after the checkpoint starts without that node, at the first try."""
+    notice = _of(events, "preemption_notice")[0]
+    assert notice["ray_drain"] is True
+    assert node_id in {e["node_id"] for e in _of(events, "node_draining")}
+    jit = _of(events, "jit_checkpoint")[-1]
+    after = [e for e in _of(events, "start") if e["t"] > jit["t"]]
+    assert after and all(node_id not in e["nodes"] for e in after)
+    assert [n for _, n in placement_tries(events)] == [1], placement_tries(events)
+
+
 def test_preemption_drain_takes_jit_checkpoint_and_loses_no_step(cluster, tiny_assets,
                                                                   reference, tmp_path):
     """With an eval at every step: the eval of the notice's step, cut by the restart that
@@ -178,6 +190,7 @@ def test_sigterm_to_a_worker_takes_jit_checkpoint_and_loses_no_step(cluster, tin
 
     notice = _of(events, "preemption_notice")[0]
     assert notice["source"] == "sigterm" and notice["node_id"] == node.node_id
+    _assert_noticed_node_drained_and_left_out(events, node.node_id)
     _assert_no_step_lost(events, summary, out, reference, "preemption")
 
 
@@ -208,4 +221,5 @@ def test_cloud_metadata_notice_takes_jit_checkpoint_and_loses_no_step(cluster, t
     assert {n["node_id"] for n in notices} == {node.node_id}  # the other nodes saw none
     assert notices[0]["cloud"] == "aws" and notices[0]["deadline_s"] > 0
     assert "PUT /latest/api/token" in metadata.requests  # IMDSv2, from that node's monitor
+    _assert_noticed_node_drained_and_left_out(events, node.node_id)
     _assert_no_step_lost(events, summary, out, reference, "preemption")
