@@ -17,8 +17,6 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,11 +271,11 @@ def to_universal(ckpt_dir: Path, work_dir: Path | None = None) -> Path:
     universal_tag = f"{TAG}_universal"
     if (out / universal_tag).exists():
         shutil.rmtree(out / universal_tag)
-    cmd = [sys.executable, "-m", "elastic_ft.core.safe_load",  # ds_to_universal, weights only
-           "--input_folder", str(ckpt_dir / TAG), "--output_folder", str(out / universal_tag),
-           "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise CheckpointError(f"ds_to_universal failed on {ckpt_dir}: {done.stderr[-2000:]}")
+    from elastic_ft.core.safe_load import convert_to_universal
+
+    try:
+        convert_to_universal(str(ckpt_dir / TAG), str(out / universal_tag))
+    except Exception as error:
+        raise CheckpointError(f"ds_to_universal failed on {ckpt_dir}: {error!r}") from error
     (out / "latest_universal").write_text(universal_tag)
     return out

@@ -43,6 +43,30 @@ def weights_only_loads() -> Iterator[None]:
         torch.load = original
 
 
+def convert_to_universal(input_folder: str, output_folder: str) -> None:
+    """DeepSpeed's `ds_to_universal`, in this process, weights-only, one worker (no process
+    pool). In a training worker torch and DeepSpeed are imported already: a subprocess paid
+    a fresh interpreter and those imports, 3-5 s of every resume at another world size on
+    2 cores. Its prints and progress bars go nowhere; a failure raises."""
+    import contextlib
+    import io
+    import sys
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    argv = ["ds_to_universal", "--input_folder", input_folder, "--output_folder",
+            output_folder, "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    saved_argv, sys.argv = sys.argv, argv  # its own parser, with its own defaults
+    try:
+        args = ds_to_universal.parse_arguments()
+    finally:
+        sys.argv = saved_argv
+    quiet = io.StringIO()
+    with weights_only_loads(), contextlib.redirect_stdout(quiet), \
+            contextlib.redirect_stderr(quiet):
+        ds_to_universal.main(args)
+
+
 def main() -> None:
     from deepspeed.checkpoint import ds_to_universal
 

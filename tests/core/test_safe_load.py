@@ -76,3 +76,32 @@ def test_crafted_checkpoint_cannot_run_code(tmp_path, tiny_assets) -> None:
     with pytest.raises(Exception):  # noqa: B017  (what fails after the payload ran varies)
         _engine(tiny_assets, 0).load_checkpoint(str(tmp_path), tag="ds")
     assert marker.exists()
+
+
+def test_universal_conversion_runs_in_process_weights_only(tmp_path, tiny_assets) -> None:
+    """The conversion for a resume at another world size runs in the training process (no
+    fresh interpreter): a clean ZeRO checkpoint converts, a crafted one is refused by name
+    without running its payload."""
+    import torch
+
+    from elastic_ft.core.checkpoint import TAG, CheckpointError, to_universal
+
+    engine = _engine(tiny_assets, 1)
+    ids = torch.randint(0, 100, (1, 16))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    clean, crafted = tmp_path / "clean", tmp_path / "crafted"
+    for folder in (clean, crafted):
+        engine.save_checkpoint(str(folder), tag=TAG,
+                               client_state={"universal_checkpoint_info": {}})
+    converted = to_universal(clean, tmp_path / "universal")
+    assert (converted / "latest_universal").read_text() == f"{TAG}_universal"
+    assert list((converted / f"{TAG}_universal" / "zero").iterdir())  # per-parameter states
+
+    (optim_file,) = (crafted / TAG).glob("*optim_states.pt")
+    marker = tmp_path / "code_ran"
+    torch.save({"optimizer_state_dict": _Payload(marker)}, optim_file)
+    with pytest.raises(CheckpointError, match="ds_to_universal failed on .*crafted") as failed:
+        to_universal(crafted, tmp_path / "universal_crafted")
+    assert isinstance(failed.value.__cause__, pickle.UnpicklingError), failed.value
+    assert not marker.exists()
