@@ -50,8 +50,8 @@ class ClusterWatch:
     def preemption_notice(self, node_id: str, notice: dict[str, Any]) -> None:
         """A cloud metadata notice from a node's monitor, or a SIGTERM to a worker: Ray is
         told to drain the node (`drain_noticed_node`), and it is handled as a Ray drain."""
-        deadline_s = notice.get("deadline_s")
-        deadline_ms = int((time.time() + deadline_s) * 1000) if deadline_s else 0
+        deadline_s = notice.get("deadline_s")  # unix time, as Ray's drain deadlines
+        deadline_ms = int(deadline_s * 1000) if deadline_s else 0
         self.noticed[node_id] = deadline_ms
         ray_drain = node_id not in self.draining and drain_noticed_node(
             node_id, deadline_ms, f"elastic_ft: {notice['source']} notice: {notice['detail']}")
