@@ -5,9 +5,7 @@ that runs whatever a crafted file asks. Every DeepSpeed load and universal conve
 elastic_ft runs inside `weights_only_loads()`, which forces `weights_only=True` and allows only
 the plain-data DeepSpeed types its files hold. The list was found by loading real ZeRO-0/1/2/3
 checkpoints, LoRA and full, directly and after `ds_to_universal` (tests/core/test_safe_load.py).
-
-    python -m elastic_ft.core.safe_load --input_folder IN --output_folder OUT
-runs DeepSpeed's `ds_to_universal` converter the same way.
+`convert_to_universal` runs DeepSpeed's `ds_to_universal` converter the same way.
 """
 
 from __future__ import annotations
@@ -65,14 +63,3 @@ def convert_to_universal(input_folder: str, output_folder: str) -> None:
     with weights_only_loads(), contextlib.redirect_stdout(quiet), \
             contextlib.redirect_stderr(quiet):
         ds_to_universal.main(args)
-
-
-def main() -> None:
-    from deepspeed.checkpoint import ds_to_universal
-
-    with weights_only_loads():
-        ds_to_universal.main(ds_to_universal.parse_arguments())
-
-
-if __name__ == "__main__":
-    main()

@@ -109,14 +109,15 @@ class BlockCache:
         import pyarrow as pa
 
         ids = np.asarray(slots, dtype=np.int64)
-        real = ids[ids != PAD_SLOT]
+        is_real = ids != PAD_SLOT
+        real = ids[is_real]
         blocks = (np.searchsorted(self.first_rows, real, side="right") - 1).tolist()
         tables = self._fetch(sorted(set(blocks)) or [0])
         rows = [tables[b].slice(int(i) - int(self.first_rows[b]), 1)
                 for i, b in zip(real, blocks, strict=True)]
         table = pa.concat_tables(rows) if rows else tables[0]
         local = np.full(len(ids), PAD_SLOT, dtype=np.int64)
-        local[ids != PAD_SLOT] = np.arange(len(real))
+        local[is_real] = np.arange(len(real))
         return take_blocks(table, local)
 
     def _fetch(self, blocks: list[int]) -> dict[int, Any]:

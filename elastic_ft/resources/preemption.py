@@ -111,9 +111,26 @@ def first_notice(urls: list[str], timeout_s: float = 1.0) -> PreemptionNotice | 
     return None
 
 
+def request_ray_drain(node_id: str, deadline_ms: int, message: str,
+                      reason: str = "preemption",
+                      gcs_address: str | None = None) -> tuple[bool, str]:
+    """Ask Ray's GCS to drain a node, as Ray's autoscaler does before it removes one: a
+    preemption drain (or an idle termination) with a deadline in unix ms (0: none). Returns
+    whether the GCS accepted, and its message."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    reason_code = {"preemption": "DRAIN_NODE_REASON_PREEMPTION",
+                   "idle": "DRAIN_NODE_REASON_IDLE_TERMINATION"}[reason]
+    gcs = ray._raylet.GcsClient(address=gcs_address or ray.get_runtime_context().gcs_address)
+    accepted, reply = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value(reason_code),
+                                     message[:200], max(0, int(deadline_ms)))
+    return bool(accepted), str(reply)
+
+
 def drain_noticed_node(node_id: str, deadline_ms: int, message: str) -> bool:
-    """Tell Ray the noticed node is going, as its autoscaler does before it removes a spot
-    node: a preemption drain with the notice's deadline (0: none known).
+    """Tell Ray the noticed node is going: a preemption drain with the notice's deadline
+    (0: none known).
 
     Ray then places nothing new there, so the group that restarts after the just-in-time
     checkpoint leaves the node out (Ray Train and the drain-aware coordinator both see it
@@ -124,16 +141,11 @@ def drain_noticed_node(node_id: str, deadline_ms: int, message: str) -> bool:
     reached (the run waits for the node to go, as before).
     """
     import ray
-    from ray.core.generated import autoscaler_pb2
 
     try:
         node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
         if node is None or "node:__internal_head__" in node.get("Resources", {}):
             return False
-        gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
-        accepted, _ = gcs.drain_node(
-            node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-            message[:200], max(0, int(deadline_ms)))
-        return bool(accepted)
+        return request_ray_drain(node_id, deadline_ms, message)[0]
     except Exception:  # internal to Ray 2.60: a missing drain costs a slower restart only
         return False

@@ -63,15 +63,11 @@ class FakeNodeCluster:
 
     def drain_node(self, node: Any, deadline_s: float, reason: str = "preemption") -> None:
         """Ray's own drain notice (what the autoscaler sends before a spot node goes)."""
-        import ray
-        from ray.core.generated import autoscaler_pb2
+        from elastic_ft.resources.preemption import request_ray_drain
 
-        reason_code = {"preemption": "DRAIN_NODE_REASON_PREEMPTION",
-                       "idle": "DRAIN_NODE_REASON_IDLE_TERMINATION"}[reason]
-        gcs = ray._raylet.GcsClient(address=self.cluster.address)
-        accepted, message = gcs.drain_node(
-            node.node_id, autoscaler_pb2.DrainNodeReason.Value(reason_code),
-            "elastic_ft fake-node drain", int((time.time() + deadline_s) * 1000))
+        accepted, message = request_ray_drain(
+            node.node_id, int((time.time() + deadline_s) * 1000), "elastic_ft fake-node drain",
+            reason, gcs_address=self.cluster.address)
         if not accepted:
             raise RuntimeError(f"drain of {node.node_id} rejected: {message}")
 

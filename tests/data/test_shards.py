@@ -1,6 +1,7 @@
 """The workers' shards: Ray Train's dataset sharding (a real `DataConfig.configure` over a real
-materialised Ray Dataset, read from the object store) cut along the schedule. The full runs, resized mid-epoch, are in
-tests/integration (test_train.py, test_elastic.py: every sample id trained exactly once)."""
+materialised Ray Dataset, read from the object store) cut along the schedule. The full runs,
+resized mid-epoch, are in tests/integration (test_train.py, test_elastic.py: every sample id
+trained exactly once)."""
 
 from __future__ import annotations
 
