@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from elastic_ft.report.summary import eval_scores, write_summary
 from elastic_ft.report.trackers import check_trackers, open_trackers
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+INVENTORY_WAIT_S = 30.0  # for every node alive to report, before the inventory is logged
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:
@@ -107,7 +109,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     from ray.train.v2.api.config import LoggingConfig
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from elastic_ft.core.devices import budgets_by_type, hosting_nodes, wait_for_inventory
+    from elastic_ft.core.devices import budgets_by_type, hosting_nodes
     from elastic_ft.core.evaluate import prompt_records
     from elastic_ft.core.optimizer import resolve_caps
     from elastic_ft.core.train_loop import train_worker
@@ -117,8 +119,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     from elastic_ft.report.follower import RunFollower
     from elastic_ft.resources.controller import CONTROLLER_NAME, ElasticController
     from elastic_ft.resources.fleet import Fleet
-    from elastic_ft.resources.inventory import render_inventory
-    from elastic_ft.resources.recovery import RecoveryClock
+    from elastic_ft.resources.recovery_clock import RecoveryClock
     from elastic_ft.resources.replan_restart import ElasticTorchTrainer
     from elastic_ft.resources.restart_gate import (
         CheckpointBeforeResize,
@@ -178,14 +179,21 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
                  cfg.elastic.jit_checkpoint_on_join, True, cfg.elastic.restart_wait_s,
                  cfg.elastic.preemption_urls, cfg.elastic.preemption_poll_s,
                  storage, cfg.checkpoint.keep, cfg.checkpoint.keep_best)
-        # Each rank's budget comes from its own node's monitor: the inventory first, then the
-        # micro-batch caps per device type (probed on a node of that type under `auto`).
-        inventory = wait_for_inventory(controller, resources)
-        console.line(render_inventory(inventory))
-        events.emit("inventory", nodes=inventory)
-        caps = resolve_caps(cfg, use_gpu, budgets_by_type(
-            cfg, use_gpu, hosting_nodes(resources), ray.get(controller.samples.remote())),
-            events)
+        # Each rank's budget comes from its own device: its node's monitor, or what the rank
+        # reports of it before the monitor's first sample. `auto` probes the micro-batch cap
+        # per device type, on a node of that type, from the inventory, before any group
+        # starts; a fixed micro-batch needs no inventory, so Ray Train starts its group while
+        # the monitors report (about 4 s of every run start: processes starting).
+        announce = threading.Thread(target=_announce_inventory, daemon=True,
+                                    args=(controller, resources, console, events))
+        announce.start()
+        if cfg.train.micro_batch == "auto":
+            announce.join()
+            caps = resolve_caps(cfg, use_gpu, budgets_by_type(
+                cfg, use_gpu, hosting_nodes(resources), ray.get(controller.samples.remote())),
+                events)
+        else:
+            caps = resolve_caps(cfg, use_gpu, {}, events)
         ray.get(controller.set_caps.remote(caps))
         num_workers: int | tuple[int, int] = (
             (cfg.workers.min, cfg.workers.max) if elastic else cfg.workers.min)
@@ -224,6 +232,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         except Exception as error:
             raise _failed_run(error, cfg, storage, events) from error
         finally:
+            announce.join(timeout=INVENTORY_WAIT_S)
             follower.stop()
             for tracker in trackers:
                 tracker.close()
@@ -255,6 +264,18 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _announce_inventory(controller: Any, resources: dict[str, float], console: Any,
+                        events: EventLog) -> None:
+    """Print and log the monitors' inventory once every node alive has reported (the cost
+    report prices each node from it)."""
+    from elastic_ft.core.devices import wait_for_inventory
+    from elastic_ft.resources.inventory import render_inventory
+
+    inventory = wait_for_inventory(controller, resources, timeout_s=INVENTORY_WAIT_S)
+    console.line(render_inventory(inventory))
+    events.emit("inventory", nodes=inventory)
 
 
 def _failed_run(error: Exception, cfg: RunConfig, storage: str, events: EventLog) -> RuntimeError:

@@ -15,7 +15,7 @@ from typing import Any
 from elastic_ft.resources.inventory import inventory_row
 from elastic_ft.resources.policy import resize_decision
 from elastic_ft.resources.preemption import drain_noticed_node
-from elastic_ft.resources.restart_gate import refresh_ray_reservations
+from elastic_ft.resources.reservations import refresh_ray_reservations
 
 
 class ClusterWatch:

@@ -3,20 +3,18 @@
 Marks come from three places and are put together here, as one `recovery` event per group:
 - the controller's own events: the change (a node joined, lost or drained, a cloud notice, an
   OOM or a re-plan) and the just-in-time checkpoint (requested, in storage);
-- Ray Train's controller (`RecoveryClock`, a callback in `RunConfig(callbacks=...)`): when it
+- Ray Train's controller (`recovery_clock.RecoveryClock`, a callback in `RunConfig(callbacks=...)`): when it
   decided to resize or restart, when the old worker group stopped, when the new one started;
 - rank 0 of the new group: its process start, imports, the plan, the checkpoint chosen and
   verified, the data stream opened, the model loaded, the engine built, the checkpoint loaded
   (and converted), the first step done.
-`recovery_timeline` is pure: tested over hand-made marks without Ray.
+`recovery_timeline` is pure: tested over hand-made marks without Ray, and this module imports
+no Ray, so the controller actor, which uses it, starts without Ray Train's imports.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
-
-from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
 # events that start a recovery, and the kind of change each one is
 CHANGES = {"node_join": "join", "node_lost": "node_lost", "node_draining": "drain",
@@ -61,37 +59,3 @@ def trigger_of(events: list[dict[str, Any]], since_t: float,
         return {"kind": "restart", "t": since_t}
     t, kind = min(seen)
     return {"kind": kind, "t": t}
-
-
-class RecoveryClock(ControllerCallback, WorkerGroupCallback):
-    """Runs inside Ray Train's controller: timestamps its decisions and its worker groups."""
-
-    def __init__(self, controller: Any) -> None:
-        self.controller = controller
-
-    def _mark(self, name: str) -> None:
-        try:  # fire and forget: never slow down or fail Ray Train's loop
-            self.controller.clock.remote(name, time.time())
-        except Exception:
-            pass
-
-    def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
-        before = previous_state._state_type.state_name
-        after = current_state._state_type.state_name
-        if before == "RUNNING" and after != "RUNNING":
-            self._mark(f"ray_train:{after.lower()}")
-
-    def before_worker_group_shutdown(self, worker_group: Any) -> None:
-        self._mark("old_group_stopping")
-
-    def after_worker_group_shutdown(self, worker_group_context: Any) -> None:
-        self._mark("old_group_stopped")
-
-    def before_worker_group_start(self, worker_group_context: Any) -> None:
-        self._mark("new_group_scheduling")
-
-    def after_worker_group_start(self, worker_group: Any) -> None:
-        self._mark("new_workers_started")
-
-    def after_worker_group_training_start(self, worker_group: Any) -> None:
-        self._mark("train_fn_launched")

@@ -45,11 +45,14 @@ from ray.train.v2._internal.execution.controller.state import (
 from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
 
 from elastic_ft.resources.node_health import death_detection_s
+from elastic_ft.resources.reservations import (
+    COORDINATOR_NAME,
+    refresh_ray_reservations,
+    schedulable_nodes,
+)
 
 logger = logging.getLogger(__name__)
 
-COORDINATOR_NAME = "AutoscalingCoordinator"  # ray.data ... default_autoscaling_coordinator
-REQUESTER_ID = "elastic_ft"
 # how long the GCS takes to declare a killed node dead with the training health checks, and
 # 2 s to spare
 DEATH_WAIT_S = death_detection_s() + 2.0
@@ -76,25 +79,6 @@ class CheckpointBeforeResize(ControllerCallback):
                     timeout=self.timeout_s + 10)
         except Exception as error:
             logger.warning("elastic_ft: resizing without a just-in-time checkpoint: %r", error)
-
-
-def refresh_ray_reservations() -> bool:
-    """Have Ray Data's autoscaling coordinator recompute its reservations now.
-
-    Ray Train's elastic policy sizes the group from those reservations; without this a node
-    that joined is seen only at the coordinator's next 20 s tick. False when there is no
-    coordinator (no elastic run yet) or it could not be reached.
-    """
-    import ray
-
-    try:
-        coordinator = ray.get_actor(COORDINATOR_NAME, namespace=COORDINATOR_NAME)
-        ray.get(coordinator.get_reserved_resources.remote(REQUESTER_ID, recompute=True),
-                timeout=10)
-        return True
-    except Exception as error:  # internal to Ray 2.60: a missing hook costs speed, not work
-        logger.info("elastic_ft: could not refresh Ray's resource reservations: %r", error)
-        return False
 
 
 class RefreshBeforeRestart(ControllerCallback, WorkerGroupCallback):
@@ -152,20 +136,6 @@ def unreachable_nodes(node_ids: Iterable[str], nodes: list[dict[str, Any]],
             except OSError:
                 going.add(node["NodeID"])
     return going
-
-
-def without_draining(nodes: list[dict[str, Any]], draining: Iterable[str]) -> list[dict[str, Any]]:
-    """`ray.nodes()` as the coordinator should see it for a new group: a draining node is one
-    Ray will place nothing new on, so it counts as not alive."""
-    gone = set(draining)
-    return [{**node, "Alive": False} if node.get("NodeID") in gone else node for node in nodes]
-
-
-def schedulable_nodes() -> list[dict[str, Any]]:
-    import ray
-
-    draining = ray._private.state.state.get_draining_nodes()
-    return without_draining(ray.nodes(), draining)
 
 
 class DrainAwareCoordinator(_AutoscalingCoordinatorActor):

@@ -21,13 +21,12 @@ from ray.train.v2._internal.execution.controller.state import (
 from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
 
 from elastic_ft.events import read_events
+from elastic_ft.resources.reservations import refresh_ray_reservations, without_draining
 from elastic_ft.resources.restart_gate import (
     CheckpointBeforeResize,
     RefreshBeforeRestart,
-    refresh_ray_reservations,
     start_drain_aware_coordinator,
     unreachable_nodes,
-    without_draining,
 )
 from tests.conftest import fleet_for_tests, places
 
