@@ -5,8 +5,10 @@ the whole `prepare_data`: read, detect, normalise, validate, tokenise, dedup, pa
 blocks, quarantine and report; `datasets.map` only normalises and tokenises. Also reported:
 the trainer's time waiting for data as a share of step time, from a short real training run.
 
-    python benchmarks/data_pipeline.py [--rows 100000] [--repeats 3]
-Writes benchmarks/results/<hardware>/data_pipeline.json.
+    python benchmarks/data_pipeline.py [--rows 100000] [--repeats 3] [--name NAME]
+Writes benchmarks/results/<hardware>/NAME.json (default data_pipeline), with the driver's
+peak resident memory during each `prepare` (the row count's effect on it: --rows 100000 and
+--rows 1000000).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[1]
+# DataConfig's default: the tokenizer's chat template when it has one (the tiny one does), as
+# `prepare` renders the rows; both sides render and tokenise the same text
+TEMPLATE = "auto"
 
 
 def make_corpus(path: Path, rows: int) -> None:
@@ -37,16 +43,42 @@ def make_corpus(path: Path, rows: int) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def time_elastic_ft(corpus: Path, tokenizer: Path, work: Path, engine: str) -> float:
+class PeakRss:
+    """The driver's resident memory at its highest while the block runs (sampled every 20 ms),
+    and before it."""
+
+    def __enter__(self) -> PeakRss:
+        import psutil
+
+        self.process = psutil.Process()
+        self.before = self.peak = self.process.memory_info().rss
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def time_elastic_ft(corpus: Path, tokenizer: Path, work: Path, engine: str
+                    ) -> tuple[float, PeakRss]:
     from elastic_ft.config import DataConfig
     from elastic_ft.data.pipeline import prepare_data
 
     out = work / f"eft-{engine}"
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    prepare_data(DataConfig(paths=[str(corpus)], seq_len=128), str(tokenizer), out,
-                 engine=engine)
-    return time.perf_counter() - t0
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        prepare_data(DataConfig(paths=[str(corpus)], seq_len=128), str(tokenizer), out,
+                     engine=engine)
+        seconds = time.perf_counter() - t0
+    return seconds, rss
 
 
 def time_datasets_map(corpus: Path, tokenizer_path: Path, work: Path, num_proc: int) -> float:
@@ -62,7 +94,7 @@ def time_datasets_map(corpus: Path, tokenizer_path: Path, work: Path, num_proc: 
     def tokenise(batch: dict) -> dict:
         rows = [normalise(dict(zip(batch, values, strict=True)), "alpaca")
                 for values in zip(*batch.values(), strict=True)]
-        pairs = tokenize_rows(rows, tokenizer, "completion", "default")
+        pairs = tokenize_rows(rows, tokenizer, "completion", TEMPLATE)  # as prepare does
         return {"input_ids": [p[0] for p in pairs], "labels": [p[1] for p in pairs]}
 
     t0 = time.perf_counter()
@@ -89,6 +121,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--name", default="data_pipeline", help="results file name")
+    parser.add_argument("--ray-only", action="store_true",
+                        help="only elastic_ft's Ray Data prepare (its memory at 1M rows)")
+    parser.add_argument("--no-training", action="store_true",
+                        help="skip the data-wait share of a short training run")
     args = parser.parse_args()
     import ray
 
@@ -106,32 +143,45 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     times: dict[str, list[float]] = {"elastic_ft_ray": [], "elastic_ft_local": [],
                                      "datasets_map": [], "datasets_map_1proc": []}
+    rss: dict[str, list[dict[str, int]]] = {"elastic_ft_ray": [], "elastic_ft_local": []}
     for _ in range(args.repeats):  # interleaved, so drift hits every side alike
-        times["elastic_ft_ray"].append(time_elastic_ft(corpus, work / "assets" / "tokenizer",
-                                                       work, "ray"))
-        times["elastic_ft_local"].append(time_elastic_ft(
-            corpus, work / "assets" / "tokenizer", work, "local"))
+        for engine in ("ray", "local")[:1 if args.ray_only else 2]:
+            seconds, peak = time_elastic_ft(corpus, work / "assets" / "tokenizer", work, engine)
+            times[f"elastic_ft_{engine}"].append(seconds)
+            rss[f"elastic_ft_{engine}"].append({"before_bytes": peak.before,
+                                                "peak_bytes": peak.peak})
+        if args.ray_only:
+            continue
         times["datasets_map"].append(time_datasets_map(corpus, work / "assets" / "tokenizer",
                                                        work, cores))
         times["datasets_map_1proc"].append(time_datasets_map(
             corpus, work / "assets" / "tokenizer", work, 1))
+    times = {k: v for k, v in times.items() if v}
+    rss = {k: v for k, v in rss.items() if v}
     rows_per_s = {k: args.rows / statistics.median(v) for k, v in times.items()}
-    wait = data_wait_share(work / "assets" / "model", work)
+
+    def ratio(ours: str, theirs: str) -> float | None:
+        return rows_per_s[ours] / rows_per_s[theirs] if theirs in rows_per_s else None
+
+    wait = None if args.no_training else data_wait_share(work / "assets" / "model", work)
     ray.shutdown()
     hardware = hardware_record()
     result = {
-        "benchmark": "data_pipeline", "rows": args.rows, "repeats": args.repeats,
+        "benchmark": args.name, "rows": args.rows, "repeats": args.repeats,
         "hardware": hardware, "seconds": times, "median_rows_per_s": rows_per_s,
-        "ratio_ray_vs_datasets_map": rows_per_s["elastic_ft_ray"] / rows_per_s["datasets_map"],
-        "ratio_local_vs_datasets_map_1proc":
-            rows_per_s["elastic_ft_local"] / rows_per_s["datasets_map_1proc"],
+        "template": TEMPLATE,
+        "ratio_ray_vs_datasets_map": ratio("elastic_ft_ray", "datasets_map"),
+        "ratio_local_vs_datasets_map_1proc": ratio("elastic_ft_local", "datasets_map_1proc"),
         "training": wait,
+        "driver_rss": rss,
+        "driver_peak_rss_mib": {k: round(statistics.median(r["peak_bytes"] for r in v) / 2**20)
+                                for k, v in rss.items()},
         "note": "elastic_ft includes validation, dedup, packing and writing; datasets.map "
                 "only normalises and tokenises",
     }
     save_benchmark(result, {k: result[k] for k in (
         "median_rows_per_s", "ratio_ray_vs_datasets_map", "ratio_local_vs_datasets_map_1proc",
-        "training")})
+        "driver_peak_rss_mib", "training")})
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def turn_spans(messages: list[dict[str, Any]], tokenizer: Any, roles_to_train: l
         if message["role"] not in roles_to_train:
             continue
         before = _render(tokenizer, messages[:i], message["role"] == "assistant")
-        through = _render(tokenizer, messages[:i + 1], False)
+        # through the last turn is the whole conversation: rendered once (most rows end on
+        # the turn they train, so this is a third of the renders)
+        through = full if i == len(messages) - 1 else _render(tokenizer, messages[:i + 1], False)
         if not (full.startswith(before) and full.startswith(through)
                 and len(before) <= len(through)):
             raise TemplateError(
@@ -62,20 +64,40 @@ def turn_spans(messages: list[dict[str, Any]], tokenizer: Any, roles_to_train: l
     return full, spans
 
 
-def tokenize_turns(messages: list[dict[str, Any]], tokenizer: Any, roles_to_train: list[str],
-                   train_all: bool) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): a token is trained when it overlaps a trained turn."""
+def tokenize_turns(conversations: list[list[dict[str, Any]]], tokenizer: Any,
+                   roles_to_train: list[str], train_all: bool,
+                   refused: dict[int, str] | None = None) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per conversation, all tokenised in one batched call: a token is
+    trained when it overlaps a trained turn. With `refused`, a conversation the template
+    raises on gets empty ids and its message there (by index) instead of raising."""
+    rendered: list[tuple[str, list[tuple[int, int]]]] = []
+    for k, messages in enumerate(conversations):
+        try:
+            rendered.append(turn_spans(messages, tokenizer, [] if train_all else roles_to_train))
+        except TemplateRefused as error:
+            if refused is None:
+                raise
+            refused[k] = str(error)
+            rendered.append(("", []))
+    texts = [full for full, _ in rendered]
+    if not texts:
+        return []
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [_labelled(list(ids), offsets, spans, train_all) if text else ([], [])
+            for text, (_, spans), ids, offsets in zip(
+                texts, rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True)]
+
+
+def _labelled(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+              train_all: bool) -> tuple[list[int], list[int]]:
     from elastic_ft.data.tokenize import IGNORE_INDEX
 
-    full, spans = turn_spans(messages, tokenizer, [] if train_all else roles_to_train)
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
     if train_all:
         return ids, list(ids)
     labels = [IGNORE_INDEX] * len(ids)
     span_iter = iter(sorted(spans))
     span = next(span_iter, None)
-    for k, (start, end) in enumerate(encoded["offset_mapping"]):
+    for k, (start, end) in enumerate(offsets):
         while span is not None and span[1] <= start:
             span = next(span_iter, None)
         if span is not None and start < span[1] and end > span[0] and end > start:

@@ -35,24 +35,37 @@ class Block:
         self.position_ids.extend(range(missing))
 
 
+class BlockPacker:
+    """Greedy in-order packing, one sample at a time: `add` returns each block as it fills, so
+    a stream of any length is packed holding one block."""
+
+    def __init__(self, seq_len: int, pad_id: int, packing: bool) -> None:
+        self.seq_len, self.pad_id, self.packing = seq_len, pad_id, packing
+        self.current = Block()
+
+    def add(self, sample_id: str, ids: list[int], labels: list[int]) -> Block | None:
+        if len(ids) > self.seq_len:
+            raise ValueError(f"sample {sample_id} has {len(ids)} tokens > seq_len {self.seq_len}")
+        full = None
+        if self.current.sample_ids and (
+                not self.packing or len(self.current.input_ids) + len(ids) > self.seq_len):
+            full = self.finish()
+        self.current.add(sample_id, ids, labels)
+        return full
+
+    def finish(self) -> Block | None:
+        """The block being filled, padded; None when it is empty."""
+        block, self.current = self.current, Block()
+        if not block.sample_ids:
+            return None
+        block.pad_to(self.seq_len, self.pad_id)
+        return block
+
+
 def pack_samples(samples: list[tuple[str, list[int], list[int]]], seq_len: int, pad_id: int,
                  packing: bool) -> list[Block]:
     """Greedy in-order packing; each sample (already <= seq_len) lands in exactly one block."""
-    blocks: list[Block] = []
-    current = Block()
-    for sample_id, ids, labels in samples:
-        if len(ids) > seq_len:
-            raise ValueError(f"sample {sample_id} has {len(ids)} tokens > seq_len {seq_len}")
-        if current.sample_ids and (not packing or len(current.input_ids) + len(ids) > seq_len):
-            current.pad_to(seq_len, pad_id)
-            blocks.append(current)
-            current = Block()
-        current.add(sample_id, ids, labels)
-    if current.sample_ids:
-        current.pad_to(seq_len, pad_id)
-        blocks.append(current)
-    return blocks
-
-
-def packing_efficiency(blocks: list[Block], seq_len: int) -> float:
-    return sum(b.real_tokens for b in blocks) / max(1, len(blocks) * seq_len)
+    packer = BlockPacker(seq_len, pad_id, packing)
+    blocks = [b for s in samples if (b := packer.add(*s)) is not None]
+    last = packer.finish()
+    return blocks + ([last] if last is not None else [])

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from elastic_ft.data.pack import Block
+from elastic_ft.data.pack import IGNORE_INDEX, Block
 
 BLOCKS_FILE = "blocks.arrow"
 PAD_SLOT = -1  # fills a short last batch; an all-masked block that trains nothing
@@ -32,20 +32,63 @@ class DataPosition:
         return asdict(self)
 
 
+BLOCK_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                          ("position_ids", pa.list_(pa.int32())),
+                          ("sample_ids", pa.list_(pa.string())), ("n_trainable", pa.int32())])
+
+
+class BlockWriter:
+    """Blocks streamed to `OUT/blocks.arrow` in record batches of `batch_blocks`: the writer
+    holds one batch, whatever the number of blocks. The file appears (renamed from .tmp) only
+    when `close` completes."""
+
+    def __init__(self, out_dir: Path, batch_blocks: int = 256) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir, self.batch_blocks = out_dir, batch_blocks
+        self.tmp = out_dir / (BLOCKS_FILE + ".tmp")
+        self.sink = pa.OSFile(str(self.tmp), "wb")
+        self.writer = pa.ipc.new_file(self.sink, BLOCK_SCHEMA)
+        self.pending: list[Block] = []
+        self.blocks = self.real_tokens = self.trainable_tokens = 0
+
+    def add(self, block: Block) -> None:
+        self.pending.append(block)
+        self.blocks += 1
+        self.real_tokens += block.real_tokens
+        if len(self.pending) >= self.batch_blocks:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        trainable = [sum(1 for x in b.labels if x != IGNORE_INDEX) for b in self.pending]
+        self.trainable_tokens += sum(trainable)
+        self.writer.write_batch(pa.record_batch([
+            pa.array([b.input_ids for b in self.pending], pa.list_(pa.int32())),
+            pa.array([b.labels for b in self.pending], pa.list_(pa.int32())),
+            pa.array([b.position_ids for b in self.pending], pa.list_(pa.int32())),
+            pa.array([b.sample_ids for b in self.pending], pa.list_(pa.string())),
+            pa.array(trainable, pa.int32())], schema=BLOCK_SCHEMA))
+        self.pending = []
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.sink.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def close(self) -> PreparedData:
+        self._flush()
+        self.writer.close()
+        self.sink.close()
+        self.tmp.replace(self.out_dir / BLOCKS_FILE)
+        return PreparedData.open(self.out_dir)
+
+
 def write_blocks(blocks: list[Block], out_dir: Path) -> PreparedData:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = pa.table({
-        "input_ids": pa.array([b.input_ids for b in blocks], pa.list_(pa.int32())),
-        "labels": pa.array([b.labels for b in blocks], pa.list_(pa.int32())),
-        "position_ids": pa.array([b.position_ids for b in blocks], pa.list_(pa.int32())),
-        "sample_ids": pa.array([b.sample_ids for b in blocks], pa.list_(pa.string())),
-        "n_trainable": pa.array([sum(1 for x in b.labels if x != -100) for b in blocks], pa.int32()),
-    })
-    tmp = out_dir / (BLOCKS_FILE + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    tmp.replace(out_dir / BLOCKS_FILE)
-    return PreparedData(table)
+    writer = BlockWriter(out_dir)
+    for block in blocks:
+        writer.add(block)
+    return writer.close()
 
 
 def epoch_order(n_blocks: int, epoch: int, seed: int, shuffle: bool) -> list[int]:

@@ -8,18 +8,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from elastic_ft.data.pack import Block, packing_efficiency
+from elastic_ft.data.pack import IGNORE_INDEX, Block
 
 
 class DataQualityError(RuntimeError):
     """The data cannot train: nothing survived, or too much was rejected."""
 
 
-def _percentile(values: list[int], q: float) -> int:
-    if not values:
+def _percentile(counts: Counter[int], q: float) -> int:
+    """The q-quantile (nearest rank) of the values counted in `counts` (value -> how many)."""
+    total = sum(counts.values())
+    if not total:
         return 0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    rank = min(total - 1, int(round(q * (total - 1))))
+    seen = 0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen > rank:
+            return value
+    return max(counts)
 
 
 @dataclass
@@ -76,32 +83,63 @@ class DataReport:
         return "\n".join(lines)
 
 
+class ReportBuilder:
+    """The report's figures, accumulated one row and one block at a time: its memory grows
+    with the number of distinct token lengths and sources, not with the rows."""
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.rows = self.kept = self.truncated = 0
+        self.reasons: Counter[str] = Counter()
+        self.lengths: Counter[int] = Counter()
+        self.by_source: dict[str, dict[str, int]] = {}
+        self.blocks = self.real_tokens = self.trainable_tokens = 0
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        entry = self.by_source.setdefault(row["source"], {"rows": 0, "kept": 0})
+        entry["rows"] += 1
+        if row["n_tokens"]:
+            self.lengths[int(row["n_tokens"])] += 1
+        if row["reason"]:
+            self.reasons[row["reason"]] += 1
+        else:
+            self.kept += 1
+            entry["kept"] += 1
+            self.truncated += bool(row["truncated"])
+
+    def add_block(self, block: Block) -> None:
+        self.blocks += 1
+        self.real_tokens += block.real_tokens
+        self.trainable_tokens += sum(1 for x in block.labels if x != IGNORE_INDEX)
+
+    def build(self, formats: dict[str, str]) -> DataReport:
+        assert self.kept + sum(self.reasons.values()) == self.rows  # nothing silently lost
+        return DataReport(
+            rows=self.rows,
+            kept=self.kept,
+            rejected=sum(self.reasons.values()),
+            rejected_by_reason=dict(sorted(self.reasons.items())),
+            formats=formats,
+            token_length={"p50": _percentile(self.lengths, 0.5),
+                          "p95": _percentile(self.lengths, 0.95),
+                          "max": max(self.lengths, default=0)},
+            truncation_rate=self.truncated / max(1, self.kept),
+            duplicate_rate=self.reasons.get("duplicate", 0) / max(1, self.rows),
+            packing_efficiency=self.real_tokens / max(1, self.blocks * self.seq_len),
+            blocks=self.blocks,
+            real_tokens=self.real_tokens,
+            trainable_tokens=self.trainable_tokens,
+            padding_tokens=self.blocks * self.seq_len - self.real_tokens,
+            by_source=self.by_source,
+        )
+
+
 def build_report(rows: list[dict[str, Any]], blocks: list[Block], seq_len: int,
                  formats: dict[str, str]) -> DataReport:
-    reasons = Counter(r["reason"] for r in rows if r["reason"])
-    kept_rows = [r for r in rows if not r["reason"]]
-    lengths = [r["n_tokens"] for r in rows if r["n_tokens"]]
-    by_source: dict[str, dict[str, int]] = {}
-    for r in rows:
-        entry = by_source.setdefault(r["source"], {"rows": 0, "kept": 0})
-        entry["rows"] += 1
-        entry["kept"] += 0 if r["reason"] else 1
-    real = sum(b.real_tokens for b in blocks)
-    assert len(kept_rows) + sum(reasons.values()) == len(rows)  # nothing silently lost
-    return DataReport(
-        rows=len(rows),
-        kept=len(kept_rows),
-        rejected=sum(reasons.values()),
-        rejected_by_reason=dict(sorted(reasons.items())),
-        formats=formats,
-        token_length={"p50": _percentile(lengths, 0.5), "p95": _percentile(lengths, 0.95),
-                      "max": max(lengths, default=0)},
-        truncation_rate=sum(1 for r in kept_rows if r["truncated"]) / max(1, len(kept_rows)),
-        duplicate_rate=reasons.get("duplicate", 0) / max(1, len(rows)),
-        packing_efficiency=packing_efficiency(blocks, seq_len),
-        blocks=len(blocks),
-        real_tokens=real,
-        trainable_tokens=sum(1 for b in blocks for x in b.labels if x != -100),
-        padding_tokens=len(blocks) * seq_len - real,
-        by_source=by_source,
-    )
+    builder = ReportBuilder(seq_len)
+    for row in rows:
+        builder.add_row(row)
+    for block in blocks:
+        builder.add_block(block)
+    return builder.build(formats)

@@ -64,13 +64,14 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, train_on: str, tem
     template (data/chat_spans.py) when it is used; the rest through the default layout,
     all segments of the batch tokenised in one call. With `refused`, a row the template
     raises on gets empty ids and its message there (by row index) instead of raising."""
-    from elastic_ft.data.chat_spans import TemplateRefused, tokenize_turns
+    from elastic_ft.data.chat_spans import tokenize_turns
 
     resolved = resolve_template(template, tokenizer)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = tokenizer.eos_token or ""
     out: list[tuple[list[int], list[int]] | None] = [None] * len(rows)
     rendered: list[list[tuple[str, bool]] | None] = [None] * len(rows)
+    chats: list[tuple[int, list[dict[str, Any]]]] = []  # (row, messages): one batched call
     for i, row in enumerate(rows):
         messages = row.get("messages")
         if resolved == "chat_template" and messages is None and template == "chat_template" \
@@ -81,15 +82,16 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, train_on: str, tem
             ids = list(row["input_ids"])
             out[i] = (ids, list(row["labels"]) if row.get("labels") is not None else list(ids))
         elif resolved == "chat_template" and messages is not None:
-            try:
-                out[i] = tokenize_turns(messages, tokenizer, list(roles_to_train),
-                                        train_on == "all")
-            except TemplateRefused as error:
-                if refused is None:
-                    raise
-                refused[i], out[i] = str(error), ([], [])
+            chats.append((i, messages))
         else:
             rendered[i] = render_segments(row, eos, train_on, roles_to_train)
+    chat_refused: dict[int, str] | None = {} if refused is not None else None
+    for k, pair in enumerate(tokenize_turns([m for _, m in chats], tokenizer,
+                                            list(roles_to_train), train_on == "all",
+                                            chat_refused)):
+        out[chats[k][0]] = pair
+    if refused is not None and chat_refused:
+        refused.update({chats[k][0]: message for k, message in chat_refused.items()})
     flat = [text for segs in rendered if segs for text, _ in segs]
     encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
     for i, segs in enumerate(rendered):
