@@ -41,6 +41,28 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory):
+    """Per-step metrics of an uninterrupted reference run with a config's settings (its
+    output_dir aside), trained once per session by the first test that asks, inside that
+    test's Ray: test_offload.py and test_train.py's resume cells compare with the same full
+    ZeRO-1 run."""
+    from elastic_ft.core.trainer import run_training
+
+    done: dict[str, dict[int, dict]] = {}
+
+    def metrics(cfg) -> dict[int, dict]:
+        key = json.dumps(dict(cfg.to_dict(), output_dir=None), sort_keys=True)
+        if key not in done:
+            out = tmp_path_factory.mktemp("uninterrupted")
+            run_training(cfg.model_copy(update={"output_dir": str(out)}), export=False)
+            rows = (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines())
+            done[key] = {r["step"]: r for r in rows}
+        return done[key]
+
+    return metrics
+
+
 @pytest.fixture(scope="module")
 def s3_storage():
     """A real S3 API (moto's server) on 127.0.0.1 and a fresh bucket: yields a storage URI

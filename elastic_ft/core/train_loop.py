@@ -10,7 +10,6 @@ the split: resizing the group or re-splitting it changes the schedule, not the t
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,14 @@ from elastic_ft.core.checkpoint import (
     check_resumable,
     model_fingerprint,
     needs_universal,
-    to_universal,
 )
 from elastic_ft.core.worker_checkpoint import (
     newest_checkpoint,
     ray_train_preemption_info,
+    release_universal_copy,
     save_and_report,
     save_final,
+    universal_copy,
     wait_for_restart,
 )
 from elastic_ft.core.worker_env import (
@@ -121,13 +121,14 @@ def train_worker(config: dict[str, Any]) -> None:
         check_resumable(state, cfg.method.kind, model_fingerprint(engine.module), ckpt_dir,
                         cfg.optim.name)
         t0 = time.time()
-        load_dir, tag = (to_universal(ckpt_dir), f"{TAG}_universal") if universal else (ckpt_dir, TAG)
+        load_dir, tag = ((universal_copy(ckpt_dir, checkpoint.path, ctx.get_local_rank()),
+                          f"{TAG}_universal") if universal else (ckpt_dir, TAG))
         with weights_only_loads():  # DeepSpeed's loader would unpickle: code could run
             engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                    load_lr_scheduler_states=True)
         apply_lr_scale(cfg, plan, scheduler)  # the checkpoint carries the old plan's rate
-        if universal:  # a full converted copy of the checkpoint: not left behind in /tmp
-            shutil.rmtree(load_dir, ignore_errors=True)
+        if universal:
+            release_universal_copy(load_dir, ctx.get_local_rank())
         step, position = int(state["step"]), DataPosition(**state["position"])
         marks["checkpoint_loaded"] = time.time()
         if rank == 0:

@@ -3,7 +3,9 @@ Train, wait for a restart after a just-in-time checkpoint, and the final weights
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +18,34 @@ from elastic_ft.core.checkpoint import (
     save_rank_checkpoint,
 )
 from elastic_ft.data.prepared import DataPosition
+
+
+def universal_copy(ckpt_dir: Path, checkpoint_path: str, local_rank: int) -> Path:
+    """The checkpoint in DeepSpeed's universal format (a resume at another world size), made
+    once per node: the node's local rank 0 converts it into a folder named after the node and
+    the checkpoint, and the node's other ranks load that copy. Eight ranks of a GPU node do
+    one conversion of the checkpoint, not eight at once. Every rank calls this."""
+    import ray
+    import torch.distributed as dist
+
+    from elastic_ft.core.checkpoint import to_universal
+
+    node = ray.get_runtime_context().get_node_id()[:12]
+    name = hashlib.sha1(checkpoint_path.encode()).hexdigest()[:12]
+    out = Path(tempfile.gettempdir()) / f"eft_universal_{node}_{name}"
+    if local_rank == 0:
+        to_universal(ckpt_dir, out)
+    dist.barrier()  # the node's copy is complete
+    return out
+
+
+def release_universal_copy(load_dir: Path, local_rank: int) -> None:
+    """Every rank has loaded: the node's converted copy is removed (not left in /tmp)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if local_rank == 0:
+        shutil.rmtree(load_dir, ignore_errors=True)
 
 
 def newest_checkpoint(cfg: RunConfig, rank: int, controller: Any) -> Any:

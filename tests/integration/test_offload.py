@@ -33,13 +33,10 @@ def _losses(out: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_assets, ray_local, tmp_path_factory) -> dict[int, float]:
-    from elastic_ft.core.trainer import run_training
-
-    out = tmp_path_factory.mktemp("no_offload")
-    run_training(_cfg(tiny_assets, out, **{"train.max_steps": 6, "deepspeed.zero_stage": 1}),
-                 export=False)
-    return _losses(out)
+def reference(tiny_assets, ray_local, uninterrupted_run, tmp_path_factory) -> dict[int, float]:
+    cfg = _cfg(tiny_assets, tmp_path_factory.mktemp("no_offload"),
+               **{"train.max_steps": 6, "deepspeed.zero_stage": 1})
+    return {step: m["loss"] for step, m in uninterrupted_run(cfg).items()}
 
 
 @pytest.mark.parametrize(("zero_stage", "offload_params"), [(2, False), (3, False), (3, True)])

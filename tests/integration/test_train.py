@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -189,34 +191,39 @@ def test_micro_batch_auto_probes_and_trains(tmp_path, tiny_assets, ray_local) ->
 _ALL_CELLS = os.environ.get("ELASTIC_FT_ALL_ZERO_CELLS") == "1"
 
 
-@pytest.mark.parametrize(("method", "stages"), [("full", (1, 2, 3) if _ALL_CELLS else (1, 3)),
-                                                ("lora", (1, 3) if _ALL_CELLS else (3,))])
+@pytest.mark.parametrize(("method", "stages", "worlds"), [
+    ("full", (1, 2, 3) if _ALL_CELLS else (1, 3), (2, 1)),
+    ("lora", (1, 3) if _ALL_CELLS else (3,), (1, 2))])
 def test_resumes_at_another_world_size_with_optimizer_state(
-        method, stages, tmp_path, tiny_assets, ray_local) -> None:
-    """Full fine-tuning at ZeRO-1/2/3 and LoRA at ZeRO-1/3 (LoRA ZeRO-2: the test above and
-    test_elastic.py), 2 workers -> checkpoint -> 1 worker: the universal checkpoint carries the
-    Adam moments, so the resumed steps match an uninterrupted 2-worker run (ZeRO stages give
-    the same losses; a fresh optimizer would not)."""
+        method, stages, worlds, tmp_path, tiny_assets, ray_local, uninterrupted_run) -> None:
+    """Full fine-tuning at ZeRO-1/2/3, 2 workers -> checkpoint -> 1 worker, and LoRA at
+    ZeRO-1/3, 1 -> 2 (LoRA ZeRO-2: the test above and test_elastic.py): the universal
+    checkpoint carries the Adam moments, so the resumed steps match an uninterrupted 2-worker
+    run (ZeRO stages and world sizes give the same losses; a fresh optimizer would not). At
+    1 -> 2 both ranks share one node: its local rank 0 converts, rank 1 loads the same copy."""
     from elastic_ft.core.trainer import run_training
 
     settings = {"method.kind": method, "optim.lr": 0.003, "optim.schedule": "constant",
                 "optim.warmup_steps": 0, "train.global_batch": 4, "train.micro_batch": 1,
                 "checkpoint.every_steps": 4}
-    reference = tmp_path / "reference"
-    run_training(_cfg(tiny_assets, reference, **settings, **{
-        "train.max_steps": 6, "deepspeed.zero_stage": 1}), export=False)
-    expected = _metrics(reference)
+    expected = uninterrupted_run(_cfg(tiny_assets, tmp_path / "reference", **settings, **{
+        "train.max_steps": 6, "deepspeed.zero_stage": 1}))  # full: test_offload's reference
+    before, after = ({"workers.min": w, "workers.max": w} for w in worlds)
+    started = time.time()
     for zero_stage in stages:
         out = tmp_path / f"zero{zero_stage}"
         stage = {**settings, "deepspeed.zero_stage": zero_stage}
-        run_training(_cfg(tiny_assets, out, **stage, **{"train.max_steps": 4}), export=False)
-        run_training(_cfg(tiny_assets, out, **stage, **{
-            "train.max_steps": 6, "workers.min": 1, "workers.max": 1}), export=False)
+        run_training(_cfg(tiny_assets, out, **stage, **before, **{"train.max_steps": 4}),
+                     export=False)
+        run_training(_cfg(tiny_assets, out, **stage, **after, **{"train.max_steps": 6}),
+                     export=False)
         resume = [e for e in read_events(out / "events.jsonl") if e["event"] == "resume"][-1]
-        assert (resume["step"], resume["from_world_size"], resume["world_size"]) == (4, 2, 1)
+        assert (resume["step"], resume["from_world_size"], resume["world_size"]) == (4, *worlds)
         assert resume["universal"] is True
+        converted = Path(tempfile.gettempdir()).glob("eft_universal_*")
+        assert not [p for p in converted if p.stat().st_mtime >= started]  # removed once loaded
         resumed = _metrics(out)
         for step in (5, 6):
-            assert resumed[step]["world_size"] == 1
+            assert resumed[step]["world_size"] == worlds[1]
             assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-4), (
                 method, zero_stage, step)
