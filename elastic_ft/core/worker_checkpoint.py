@@ -24,13 +24,16 @@ def universal_copy(ckpt_dir: Path, checkpoint_path: str, local_rank: int) -> Pat
     """The checkpoint in DeepSpeed's universal format (a resume at another world size), made
     once per node: the node's local rank 0 converts it into a folder named after the node and
     the checkpoint, and the node's other ranks load that copy. Eight ranks of a GPU node do
-    one conversion of the checkpoint, not eight at once. Every rank calls this."""
+    one conversion of the checkpoint, not eight at once. Every rank calls this.
+
+    "Node" is what Ray Train's local ranks count: its IP address (fake nodes of one machine
+    share it, and their /tmp: one copy for all of them)."""
     import ray
     import torch.distributed as dist
 
     from elastic_ft.core.checkpoint import to_universal
 
-    node = ray.get_runtime_context().get_node_id()[:12]
+    node = ray.util.get_node_ip_address().replace(":", "_")
     name = hashlib.sha1(checkpoint_path.encode()).hexdigest()[:12]
     out = Path(tempfile.gettempdir()) / f"eft_universal_{node}_{name}"
     if local_rank == 0:
