@@ -49,12 +49,9 @@ class BlockWriter:
         self.sink = pa.OSFile(str(self.tmp), "wb")
         self.writer = pa.ipc.new_file(self.sink, BLOCK_SCHEMA)
         self.pending: list[Block] = []
-        self.blocks = self.real_tokens = self.trainable_tokens = 0
 
     def add(self, block: Block) -> None:
         self.pending.append(block)
-        self.blocks += 1
-        self.real_tokens += block.real_tokens
         if len(self.pending) >= self.batch_blocks:
             self._flush()
 
@@ -62,7 +59,6 @@ class BlockWriter:
         if not self.pending:
             return
         trainable = [sum(1 for x in b.labels if x != IGNORE_INDEX) for b in self.pending]
-        self.trainable_tokens += sum(trainable)
         self.writer.write_batch(pa.record_batch([
             pa.array([b.input_ids for b in self.pending], pa.list_(pa.int32())),
             pa.array([b.labels for b in self.pending], pa.list_(pa.int32())),

@@ -134,12 +134,3 @@ class ReportBuilder:
             by_source=self.by_source,
         )
 
-
-def build_report(rows: list[dict[str, Any]], blocks: list[Block], seq_len: int,
-                 formats: dict[str, str]) -> DataReport:
-    builder = ReportBuilder(seq_len)
-    for row in rows:
-        builder.add_row(row)
-    for block in blocks:
-        builder.add_block(block)
-    return builder.build(formats)
