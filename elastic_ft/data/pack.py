@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from elastic_ft.data.tokenize import IGNORE_INDEX
+from elastic_ft.data.tokenize import IGNORE_INDEX, count_trainable
 
 
 @dataclass
@@ -20,6 +20,7 @@ class Block:
     position_ids: list[int] = field(default_factory=list)
     sample_ids: list[str] = field(default_factory=list)
     real_tokens: int = 0
+    trainable_tokens: int = 0  # labels not IGNORE_INDEX: counted as samples are added
 
     def add(self, sample_id: str, ids: list[int], labels: list[int]) -> None:
         self.input_ids.extend(ids)
@@ -27,6 +28,7 @@ class Block:
         self.position_ids.extend(range(len(ids)))
         self.sample_ids.append(sample_id)
         self.real_tokens += len(ids)
+        self.trainable_tokens += count_trainable(labels)
 
     def pad_to(self, seq_len: int, pad_id: int) -> None:
         missing = seq_len - len(self.input_ids)

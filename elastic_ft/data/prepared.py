@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from elastic_ft.data.pack import IGNORE_INDEX, Block
+from elastic_ft.data.pack import Block
 
 BLOCKS_FILE = "blocks.arrow"
 PAD_SLOT = -1  # fills a short last batch; an all-masked block that trains nothing
@@ -58,13 +58,13 @@ class BlockWriter:
     def _flush(self) -> None:
         if not self.pending:
             return
-        trainable = [sum(1 for x in b.labels if x != IGNORE_INDEX) for b in self.pending]
         self.writer.write_batch(pa.record_batch([
             pa.array([b.input_ids for b in self.pending], pa.list_(pa.int32())),
             pa.array([b.labels for b in self.pending], pa.list_(pa.int32())),
             pa.array([b.position_ids for b in self.pending], pa.list_(pa.int32())),
             pa.array([b.sample_ids for b in self.pending], pa.list_(pa.string())),
-            pa.array(trainable, pa.int32())], schema=BLOCK_SCHEMA))
+            pa.array([b.trainable_tokens for b in self.pending], pa.int32())],
+            schema=BLOCK_SCHEMA))
         self.pending = []
 
     def abort(self) -> None:

@@ -103,24 +103,20 @@ def _jsonl_rows(source: str, lines: Iterable[bytes], first_row: int) -> Iterator
 def source_chunks(source: str, chunk_bytes: int = CHUNK_BYTES) -> list[dict[str, Any]]:
     """A source as read tasks: a local JSON Lines file as line-aligned byte ranges of about
     `chunk_bytes` (each with its first line's number, so quarantined rows keep their line),
-    read in parallel; any other source as one task. One pass over the file, holding a line."""
+    read in parallel; any other source as one task. Lines are counted a buffer at a time,
+    holding one range."""
     path = Path(source)
     if source.startswith(("hf://", "disk://")) or EXTENSIONS.get(path.suffix) != "jsonl":
         return [{"source": source}]
     chunks: list[dict[str, Any]] = []
-    start = offset = 0
-    first_row = next_row = 1
+    start, first_row = 0, 1
     with open(path, "rb") as f:
-        for line in f:
-            offset += len(line)
-            next_row += 1
-            if offset - start >= chunk_bytes:
-                chunks.append({"source": source, "start": start, "end": offset,
-                               "first_row": first_row})
-                start, first_row = offset, next_row
-    if offset > start or not chunks:
-        chunks.append({"source": source, "start": start, "end": offset, "first_row": first_row})
-    return chunks
+        while data := f.read(chunk_bytes):
+            data += f.readline()  # to the end of the line the read stopped in
+            chunks.append({"source": source, "start": start, "end": start + len(data),
+                           "first_row": first_row})
+            start, first_row = start + len(data), first_row + data.count(b"\n")
+    return chunks or [{"source": source, "start": 0, "end": 0, "first_row": 1}]
 
 
 def read_chunk(chunk: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from elastic_ft.data.pack import IGNORE_INDEX, Block
+from elastic_ft.data.pack import Block
 
 
 class DataQualityError(RuntimeError):
@@ -111,7 +111,7 @@ class ReportBuilder:
     def add_block(self, block: Block) -> None:
         self.blocks += 1
         self.real_tokens += block.real_tokens
-        self.trainable_tokens += sum(1 for x in block.labels if x != IGNORE_INDEX)
+        self.trainable_tokens += block.trainable_tokens
 
     def build(self, formats: dict[str, str]) -> DataReport:
         assert self.kept + sum(self.reasons.values()) == self.rows  # nothing silently lost
