@@ -90,7 +90,7 @@ def random_blocks(folder: Path, n_samples: int, seed: int):
     written to `folder`: a model-free dataset for engine-level tests."""
     import random
 
-    from elastic_ft.data.pack import IGNORE_INDEX, pack_samples
+    from elastic_ft.data.pack import IGNORE_INDEX, Samples, pack_samples
     from elastic_ft.data.prepared import write_blocks
 
     rng = random.Random(seed)
@@ -99,7 +99,7 @@ def random_blocks(folder: Path, n_samples: int, seed: int):
         n = rng.randint(6, 30)
         ids = [rng.randint(3, 900) for _ in range(n)]
         samples.append((f"s{i}", ids, [IGNORE_INDEX] * (n // 3) + ids[n // 3:]))
-    return write_blocks(pack_samples(samples, seq_len=32, pad_id=0, packing=True), folder)
+    return write_blocks(pack_samples(Samples.from_lists(samples), seq_len=32, pad_id=0, packing=True), folder)
 
 
 class FixedCaps:

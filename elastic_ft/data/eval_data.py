@@ -18,14 +18,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from elastic_ft.data.pack import pack_samples
+from elastic_ft.data.pack import Samples, pack_samples
 from elastic_ft.data.prepared import BLOCKS_FILE, write_blocks
 from elastic_ft.data.tokenize import IGNORE_INDEX
 
 EVAL_DIR = "prepared_eval"
 SAMPLES_FILE = "samples.json"
 MAX_SAMPLE_PROMPTS = 16
-Sample = tuple[str, list[int], list[int]]
 
 
 def is_held_out(content_hash: str, fraction: float) -> bool:
@@ -43,19 +42,22 @@ def prompt_and_reference(ids: list[int], labels: list[int]) -> tuple[list[int], 
     return ids[:first], [x for x in labels[first:] if x != IGNORE_INDEX]
 
 
-def write_eval(samples: list[Sample], out_dir: Path, seq_len: int, pad_id: int,
+def write_eval(samples: Samples, out_dir: Path, seq_len: int, pad_id: int,
                packing: bool) -> dict[str, Any]:
     """Pack and write the eval set; returns its counts for data_report.json."""
     blocks = pack_samples(samples, seq_len, pad_id, packing)
     write_blocks(blocks, out_dir)
     prompts = []
-    for sample_id, ids, labels in samples[:MAX_SAMPLE_PROMPTS]:
-        prompt, reference = prompt_and_reference(ids, labels)
+    first = samples.take(0, min(MAX_SAMPLE_PROMPTS, len(samples)))
+    for k, sample_id in enumerate(first.sample_ids):
+        lo, hi = int(first.offsets[k]), int(first.offsets[k + 1])
+        prompt, reference = prompt_and_reference(first.ids[lo:hi].tolist(),
+                                                 first.labels[lo:hi].tolist())
         prompts.append({"sample_id": sample_id, "prompt_ids": prompt,
                         "reference_ids": reference})
     (out_dir / SAMPLES_FILE).write_text(json.dumps(prompts))
     return {"samples": len(samples), "blocks": len(blocks),
-            "trainable_tokens": sum(1 for b in blocks for x in b.labels if x != IGNORE_INDEX)}
+            "trainable_tokens": int(blocks.trainable_tokens.sum())}
 
 
 @dataclass

@@ -4,70 +4,200 @@ Every block has `input_ids`, `labels` and `position_ids` of length `seq_len`. Po
 at 0 for each sample; with no attention mask, transformers turns those restarts into a
 block-diagonal causal mask (`find_packed_sequence_indices`), so samples are isolated. Padding
 is its own segment with labels -100.
+
+Packing works on columns (numpy), a batch of samples at a time: the only Python loop is the
+greedy choice of each sample's block (one step per sample); tokens are placed by one scatter
+per batch, never one by one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
-from elastic_ft.data.tokenize import IGNORE_INDEX, count_trainable
+import numpy as np
+import pyarrow as pa
+
+from elastic_ft.data.tokenize import IGNORE_INDEX
+
+BLOCK_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                          ("position_ids", pa.list_(pa.int32())),
+                          ("sample_ids", pa.list_(pa.string())), ("n_trainable", pa.int32())])
 
 
 @dataclass
-class Block:
-    input_ids: list[int] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    position_ids: list[int] = field(default_factory=list)
-    sample_ids: list[str] = field(default_factory=list)
-    real_tokens: int = 0
-    trainable_tokens: int = 0  # labels not IGNORE_INDEX: counted as samples are added
+class Samples:
+    """Tokenised samples as columns: sample k's tokens are `ids[offsets[k]:offsets[k+1]]`."""
+    sample_ids: list[str]
+    offsets: np.ndarray  # int64, len(sample_ids) + 1, starting at 0
+    ids: np.ndarray  # int32, every sample's tokens one after the other
+    labels: np.ndarray  # int32, aligned with ids
 
-    def add(self, sample_id: str, ids: list[int], labels: list[int]) -> None:
-        self.input_ids.extend(ids)
-        self.labels.extend(labels)
-        self.position_ids.extend(range(len(ids)))
-        self.sample_ids.append(sample_id)
-        self.real_tokens += len(ids)
-        self.trainable_tokens += count_trainable(labels)
+    def __len__(self) -> int:
+        return len(self.sample_ids)
 
-    def pad_to(self, seq_len: int, pad_id: int) -> None:
-        missing = seq_len - len(self.input_ids)
-        self.input_ids.extend([pad_id] * missing)
-        self.labels.extend([IGNORE_INDEX] * missing)
-        self.position_ids.extend(range(missing))
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_lists(cls, samples: Sequence[tuple[str, Sequence[int], Sequence[int]]]) -> Samples:
+        lengths = [len(ids) for _, ids, _ in samples]
+        return cls([s for s, _, _ in samples],
+                   np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
+                   np.fromiter((t for _, ids, _ in samples for t in ids), np.int32),
+                   np.fromiter((t for _, _, labels in samples for t in labels), np.int32))
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> Samples:
+        """From a table with `sample_id`, `input_ids` and `labels` (list<int32>) columns."""
+        ids = table.column("input_ids").combine_chunks()
+        labels = table.column("labels").combine_chunks()
+        lengths = ids.value_lengths().to_numpy(zero_copy_only=False)
+        return cls(table.column("sample_id").to_pylist(),
+                   np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+                   ids.flatten().to_numpy().astype(np.int32, copy=False),
+                   labels.flatten().to_numpy().astype(np.int32, copy=False))
+
+    def take(self, start: int, stop: int) -> Samples:
+        """Samples [start, stop) as their own columns."""
+        lo, hi = int(self.offsets[start]), int(self.offsets[stop])
+        return Samples(self.sample_ids[start:stop], self.offsets[start:stop + 1] - lo,
+                       self.ids[lo:hi], self.labels[lo:hi])
+
+    def where(self, mask: np.ndarray) -> Samples:
+        """The samples where `mask` (one bool per sample) is true, in order."""
+        lengths = self.lengths[mask]
+        return Samples([s for s, keep in zip(self.sample_ids, mask.tolist(), strict=True)
+                        if keep], np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+                       self.ids[np.repeat(mask, self.lengths)],
+                       self.labels[np.repeat(mask, self.lengths)])
+
+    @staticmethod
+    def concat(parts: Sequence[Samples]) -> Samples:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Samples([], np.zeros(1, np.int64), np.zeros(0, np.int32),
+                           np.zeros(0, np.int32))
+        starts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
+        return Samples([s for p in parts for s in p.sample_ids],
+                       np.concatenate([[0]] + [p.offsets[1:] + b for p, b in zip(
+                           parts, starts, strict=True)]).astype(np.int64),
+                       np.concatenate([p.ids for p in parts]),
+                       np.concatenate([p.labels for p in parts]))
+
+
+@dataclass
+class Blocks:
+    """Whole packed blocks as columns: row i of each (n, seq_len) array is block i."""
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray
+    sample_counts: np.ndarray  # how many samples each block holds
+    sample_ids: list[str]  # every block's samples, block after block
+    real_tokens: np.ndarray  # per block: tokens that are not padding
+    trainable_tokens: np.ndarray  # per block: labels that are not IGNORE_INDEX
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def block_sample_ids(self) -> Iterator[list[str]]:
+        start = 0
+        for count in self.sample_counts.tolist():
+            yield self.sample_ids[start:start + count]
+            start += count
+
+    def record_batch(self) -> pa.RecordBatch:
+        n, seq_len = self.input_ids.shape
+
+        def rows(array: np.ndarray) -> pa.ListArray:
+            return pa.ListArray.from_arrays(
+                pa.array(np.arange(0, (n + 1) * seq_len, seq_len, dtype=np.int32)),
+                pa.array(array.reshape(-1).astype(np.int32, copy=False)))
+
+        sample_offsets = np.concatenate([[0], np.cumsum(self.sample_counts)]).astype(np.int32)
+        return pa.record_batch([
+            rows(self.input_ids), rows(self.labels), rows(self.position_ids),
+            pa.ListArray.from_arrays(pa.array(sample_offsets), pa.array(self.sample_ids,
+                                                                        pa.string())),
+            pa.array(self.trainable_tokens.astype(np.int32))], schema=BLOCK_SCHEMA)
+
+
+def _build_blocks(samples: Samples, block_of: np.ndarray, start: np.ndarray, n_blocks: int,
+                  seq_len: int, pad_id: int) -> Blocks:
+    """Place every sample's tokens at (its block, its start) in one scatter; the rest pads,
+    its positions a segment of their own."""
+    lengths = samples.lengths
+    within = np.arange(len(samples.ids)) - np.repeat(samples.offsets[:-1], lengths)
+    dest = np.repeat(block_of * seq_len + start, lengths) + within
+    real_tokens = np.bincount(block_of, weights=lengths, minlength=n_blocks).astype(np.int64)
+    input_ids = np.full(n_blocks * seq_len, pad_id, np.int32)
+    labels = np.full(n_blocks * seq_len, IGNORE_INDEX, np.int32)
+    position_ids = (np.arange(seq_len)[None, :] - real_tokens[:, None]).reshape(-1)
+    input_ids[dest], labels[dest], position_ids[dest] = samples.ids, samples.labels, within
+    trained = np.concatenate([[0], np.cumsum(samples.labels != IGNORE_INDEX)])
+    per_sample = trained[samples.offsets[1:]] - trained[samples.offsets[:-1]]
+    shape = (n_blocks, seq_len)
+    return Blocks(input_ids.reshape(shape), labels.reshape(shape),
+                  position_ids.astype(np.int32).reshape(shape),
+                  np.bincount(block_of, minlength=n_blocks), samples.sample_ids, real_tokens,
+                  np.bincount(block_of, weights=per_sample, minlength=n_blocks).astype(np.int64))
 
 
 class BlockPacker:
-    """Greedy in-order packing, one sample at a time: `add` returns each block as it fills, so
-    a stream of any length is packed holding one block."""
+    """Greedy in-order packing: `add` returns the blocks a batch of samples filled and keeps
+    the samples of the block still filling, so a stream of any length is packed holding one
+    batch and one block."""
 
     def __init__(self, seq_len: int, pad_id: int, packing: bool) -> None:
         self.seq_len, self.pad_id, self.packing = seq_len, pad_id, packing
-        self.current = Block()
+        self.open = Samples.concat([])  # the block being filled
 
-    def add(self, sample_id: str, ids: list[int], labels: list[int]) -> Block | None:
-        if len(ids) > self.seq_len:
-            raise ValueError(f"sample {sample_id} has {len(ids)} tokens > seq_len {self.seq_len}")
-        full = None
-        if self.current.sample_ids and (
-                not self.packing or len(self.current.input_ids) + len(ids) > self.seq_len):
-            full = self.finish()
-        self.current.add(sample_id, ids, labels)
-        return full
-
-    def finish(self) -> Block | None:
-        """The block being filled, padded; None when it is empty."""
-        block, self.current = self.current, Block()
-        if not block.sample_ids:
+    def add(self, batch: Samples) -> Blocks | None:
+        samples = Samples.concat([self.open, batch])
+        lengths = samples.lengths.tolist()
+        block_of, start = [0] * len(lengths), [0] * len(lengths)
+        block = fill = held = 0  # the block being filled, its tokens and its samples
+        for k, length in enumerate(lengths):
+            if length > self.seq_len:
+                raise ValueError(f"sample {samples.sample_ids[k]} has {length} tokens > "
+                                 f"seq_len {self.seq_len}")
+            if held and (not self.packing or fill + length > self.seq_len):
+                block, fill, held = block + 1, 0, 0
+            block_of[k], start[k] = block, fill
+            fill, held = fill + length, held + 1
+        first_open = block_of.index(block) if lengths else 0
+        self.open = samples.take(first_open, len(samples))
+        if block == 0:
             return None
-        block.pad_to(self.seq_len, self.pad_id)
-        return block
+        return _build_blocks(samples.take(0, first_open), np.asarray(block_of[:first_open]),
+                             np.asarray(start[:first_open]), block, self.seq_len, self.pad_id)
+
+    def finish(self) -> Blocks | None:
+        """The block being filled, padded; None when it is empty."""
+        if not len(self.open):
+            return None
+        samples, self.open = self.open, Samples.concat([])
+        zero = np.zeros(len(samples), np.int64)
+        return _build_blocks(samples, zero, samples.offsets[:-1], 1, self.seq_len, self.pad_id)
 
 
-def pack_samples(samples: list[tuple[str, list[int], list[int]]], seq_len: int, pad_id: int,
-                 packing: bool) -> list[Block]:
+def pack_samples(samples: Samples, seq_len: int, pad_id: int, packing: bool) -> Blocks:
     """Greedy in-order packing; each sample (already <= seq_len) lands in exactly one block."""
     packer = BlockPacker(seq_len, pad_id, packing)
-    blocks = [b for s in samples if (b := packer.add(*s)) is not None]
-    last = packer.finish()
-    return blocks + ([last] if last is not None else [])
+    parts = [b for b in (packer.add(samples), packer.finish()) if b is not None]
+    return concat_blocks(parts, seq_len)
+
+
+def concat_blocks(parts: Sequence[Blocks], seq_len: int) -> Blocks:
+    if not parts:
+        empty = np.zeros((0, seq_len), np.int32)
+        return Blocks(empty, empty, empty, np.zeros(0, np.int64), [], np.zeros(0, np.int64),
+                      np.zeros(0, np.int64))
+    if len(parts) == 1:
+        return parts[0]
+    return Blocks(*(np.concatenate([getattr(p, name) for p in parts]) for name in (
+        "input_ids", "labels", "position_ids", "sample_counts")),
+        [s for p in parts for s in p.sample_ids],
+        np.concatenate([p.real_tokens for p in parts]),
+        np.concatenate([p.trainable_tokens for p in parts]))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from elastic_ft.data.pack import Block
+from elastic_ft.data.pack import BLOCK_SCHEMA, Blocks
 
 BLOCKS_FILE = "blocks.arrow"
 PAD_SLOT = -1  # fills a short last batch; an all-masked block that trains nothing
@@ -32,11 +32,6 @@ class DataPosition:
         return asdict(self)
 
 
-BLOCK_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                          ("position_ids", pa.list_(pa.int32())),
-                          ("sample_ids", pa.list_(pa.string())), ("n_trainable", pa.int32())])
-
-
 class BlockWriter:
     """Blocks streamed to `OUT/blocks.arrow` in record batches of `batch_blocks`: the writer
     holds one batch, whatever the number of blocks. The file appears (renamed from .tmp) only
@@ -48,24 +43,23 @@ class BlockWriter:
         self.tmp = out_dir / (BLOCKS_FILE + ".tmp")
         self.sink = pa.OSFile(str(self.tmp), "wb")
         self.writer = pa.ipc.new_file(self.sink, BLOCK_SCHEMA)
-        self.pending: list[Block] = []
+        self.pending: list[pa.RecordBatch] = []
 
-    def add(self, block: Block) -> None:
-        self.pending.append(block)
-        if len(self.pending) >= self.batch_blocks:
-            self._flush()
+    def add(self, blocks: Blocks) -> None:
+        self.pending.append(blocks.record_batch())
+        if sum(len(b) for b in self.pending) >= self.batch_blocks:
+            self._flush(whole_only=True)
 
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        self.writer.write_batch(pa.record_batch([
-            pa.array([b.input_ids for b in self.pending], pa.list_(pa.int32())),
-            pa.array([b.labels for b in self.pending], pa.list_(pa.int32())),
-            pa.array([b.position_ids for b in self.pending], pa.list_(pa.int32())),
-            pa.array([b.sample_ids for b in self.pending], pa.list_(pa.string())),
-            pa.array([b.trainable_tokens for b in self.pending], pa.int32())],
-            schema=BLOCK_SCHEMA))
-        self.pending = []
+    def _flush(self, whole_only: bool = False) -> None:
+        """Writes the pending blocks as record batches of `batch_blocks` (the last one shorter
+        unless `whole_only`, which keeps it pending)."""
+        table = pa.Table.from_batches(self.pending, BLOCK_SCHEMA)
+        done = len(table) - len(table) % self.batch_blocks if whole_only else len(table)
+        for start in range(0, done, self.batch_blocks):
+            part = table.slice(start, min(self.batch_blocks, done - start)).combine_chunks()
+            self.writer.write_batch(part.to_batches()[0])
+        self.pending = table.slice(done).combine_chunks().to_batches() if done < len(
+            table) else []
 
     def abort(self) -> None:
         self.writer.close()
@@ -80,10 +74,9 @@ class BlockWriter:
         return PreparedData.open(self.out_dir)
 
 
-def write_blocks(blocks: list[Block], out_dir: Path) -> PreparedData:
+def write_blocks(blocks: Blocks, out_dir: Path) -> PreparedData:
     writer = BlockWriter(out_dir)
-    for block in blocks:
-        writer.add(block)
+    writer.add(blocks)
     return writer.close()
 
 

@@ -31,18 +31,24 @@ def _clean(value: Any) -> Any:
 
 def _row(source: str, row: int, record: Any = None, raw: str = "", error: str = "",
          detail: str = "") -> dict[str, Any]:
-    payload = raw if error else json.dumps(record, ensure_ascii=False, default=str)
-    return {"source": source, "row": row, "payload": payload, "parse_error": error,
-            "parse_detail": detail}
+    """A raw row; a parsed one also carries its `record`, so the task that reads it does not
+    parse its payload again (`raw`: the source's own JSON text of it, when it has one)."""
+    if error:
+        return {"source": source, "row": row, "payload": raw, "parse_error": error,
+                "parse_detail": detail}
+    payload = raw or json.dumps(record, ensure_ascii=False, default=str)
+    return {"source": source, "row": row, "payload": payload, "parse_error": "",
+            "parse_detail": "", "record": record}
 
 
-def _records(source: str, records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def _records(source: str, records: Iterator[dict[str, Any]], text: str = ""
+             ) -> Iterator[dict[str, Any]]:
     for row, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             yield _row(source, row, raw=json.dumps(record, default=str), error=Reason.WRONG_TYPE.value,
                        detail=f"row is a {type(record).__name__}, not an object")
         else:
-            yield _row(source, row, {k: _clean(v) for k, v in record.items()})
+            yield _row(source, row, {k: _clean(v) for k, v in record.items()}, raw=text)
 
 
 def read_source(source: str) -> Iterator[dict[str, Any]]:
@@ -97,7 +103,8 @@ def _jsonl_rows(source: str, lines: Iterable[bytes], first_row: int) -> Iterator
             yield _row(source, row, raw=text.rstrip("\n"), error=Reason.INVALID_JSON.value,
                        detail=str(error))
             continue
-        yield from (dict(r, row=row) for r in _records(source, iter([record])))
+        yield from (dict(r, row=row) for r in _records(source, iter([record]),
+                                                       text.rstrip("\r\n")))
 
 
 def source_chunks(source: str, chunk_bytes: int = CHUNK_BYTES) -> list[dict[str, Any]]:
@@ -121,7 +128,7 @@ def source_chunks(source: str, chunk_bytes: int = CHUNK_BYTES) -> list[dict[str,
 
 def read_chunk(chunk: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The raw rows of one read task of `source_chunks`."""
-    if "start" not in chunk:
+    if chunk.get("start") is None:  # a whole source (Ray Data fills absent keys with None)
         yield from read_source(chunk["source"])
         return
     with open(chunk["source"], "rb") as f:
@@ -146,7 +153,7 @@ def sample_records(source: str, limit: int = 50) -> list[dict[str, Any]]:
     records = []
     for raw in read_source(source):
         if not raw["parse_error"]:
-            records.append(json.loads(raw["payload"]))
+            records.append(raw["record"])
         if len(records) >= limit:
             break
     return records

@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from elastic_ft.data.pack import Block
+import numpy as np
+
+from elastic_ft.data.pack import Blocks
 
 
 class DataQualityError(RuntimeError):
@@ -95,23 +97,25 @@ class ReportBuilder:
         self.by_source: dict[str, dict[str, int]] = {}
         self.blocks = self.real_tokens = self.trainable_tokens = 0
 
-    def add_row(self, row: dict[str, Any]) -> None:
-        self.rows += 1
-        entry = self.by_source.setdefault(row["source"], {"rows": 0, "kept": 0})
-        entry["rows"] += 1
-        if row["n_tokens"]:
-            self.lengths[int(row["n_tokens"])] += 1
-        if row["reason"]:
-            self.reasons[row["reason"]] += 1
-        else:
-            self.kept += 1
-            entry["kept"] += 1
-            self.truncated += bool(row["truncated"])
+    def add_rows(self, sources: list[str], reasons: list[str], n_tokens: np.ndarray,
+                 truncated: np.ndarray) -> None:
+        """A batch of rows: their sources, reasons ("" for kept), token counts, truncations."""
+        self.rows += len(reasons)
+        kept = np.array([not r for r in reasons], dtype=bool)
+        for source, is_kept in zip(sources, kept.tolist(), strict=True):
+            entry = self.by_source.setdefault(source, {"rows": 0, "kept": 0})
+            entry["rows"] += 1
+            entry["kept"] += is_kept
+        lengths, counts = np.unique(n_tokens[n_tokens > 0], return_counts=True)
+        self.lengths.update(dict(zip(lengths.tolist(), counts.tolist(), strict=True)))
+        self.reasons.update(r for r in reasons if r)
+        self.kept += int(kept.sum())
+        self.truncated += int(truncated[kept].sum())
 
-    def add_block(self, block: Block) -> None:
-        self.blocks += 1
-        self.real_tokens += block.real_tokens
-        self.trainable_tokens += block.trainable_tokens
+    def add_blocks(self, blocks: Blocks) -> None:
+        self.blocks += len(blocks)
+        self.real_tokens += int(blocks.real_tokens.sum())
+        self.trainable_tokens += int(blocks.trainable_tokens.sum())
 
     def build(self, formats: dict[str, str]) -> DataReport:
         assert self.kept + sum(self.reasons.values()) == self.rows  # nothing silently lost

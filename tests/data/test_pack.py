@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from elastic_ft.data.pack import pack_samples
+from elastic_ft.data.pack import BlockPacker, Samples, concat_blocks, pack_samples
 from elastic_ft.data.prepared import PAD_SLOT, DataPosition, PreparedData, rank_slots, write_blocks
 from elastic_ft.data.tokenize import IGNORE_INDEX
 
@@ -12,16 +14,73 @@ def _samples():
             for i, n in enumerate([5, 9, 3, 7, 11, 2, 6])]
 
 
-def test_packing_keeps_samples_whole_and_resets_positions() -> None:
-    blocks = pack_samples(_samples(), seq_len=16, pad_id=0, packing=True)
-    assert sorted(s for b in blocks for s in b.sample_ids) == sorted(f"s{i}" for i in range(7))
+def _one_by_one(samples, seq_len: int, pad_id: int, packing: bool) -> list[dict]:
+    """The packing rule written out a sample and a token at a time: what the columnar
+    packer must give."""
+    blocks: list[dict] = []
+    for sample_id, ids, labels in samples:
+        last = blocks[-1] if blocks else None
+        if last is None or not packing or len(last["ids"]) + len(ids) > seq_len:
+            last = {"ids": [], "labels": [], "pos": [], "samples": []}
+            blocks.append(last)
+        last["ids"] += ids
+        last["labels"] += labels
+        last["pos"] += list(range(len(ids)))
+        last["samples"].append(sample_id)
     for block in blocks:
-        assert len(block.input_ids) == len(block.labels) == len(block.position_ids) == 16
-        starts = [i for i, p in enumerate(block.position_ids) if p == 0]
+        missing = seq_len - len(block["ids"])
+        block["real"] = len(block["ids"])
+        block["trainable"] = sum(x != IGNORE_INDEX for x in block["labels"])
+        block["ids"] += [pad_id] * missing
+        block["labels"] += [IGNORE_INDEX] * missing
+        block["pos"] += list(range(missing))
+    return blocks
+
+
+def test_packing_keeps_samples_whole_and_resets_positions() -> None:
+    blocks = pack_samples(Samples.from_lists(_samples()), seq_len=16, pad_id=0, packing=True)
+    assert sorted(blocks.sample_ids) == sorted(f"s{i}" for i in range(7))
+    assert blocks.input_ids.shape == blocks.labels.shape == blocks.position_ids.shape
+    assert blocks.input_ids.shape[1] == 16
+    for i, sample_ids in enumerate(blocks.block_sample_ids()):
+        starts = np.flatnonzero(blocks.position_ids[i] == 0)
         # one segment per sample, plus the padding segment when there is padding
-        assert len(starts) == len(block.sample_ids) + (block.real_tokens < 16)
-        for start in starts:  # the first token of every segment is never a training target
-            assert block.labels[start] == IGNORE_INDEX
+        assert len(starts) == len(sample_ids) + (blocks.real_tokens[i] < 16)
+        # the first token of every segment is never a training target
+        assert (blocks.labels[i][starts] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_columnar_packing_in_any_batches_matches_the_rule(seed: int, packing: bool) -> None:
+    """The stream arrives in batches of any size (Ray Data's blocks): the blocks must be
+    those of packing the samples one by one, whatever the cut."""
+    rng = np.random.default_rng(seed)
+    seq_len = int(rng.integers(8, 40))
+    samples = []
+    for i in range(int(rng.integers(1, 120))):
+        n = int(rng.integers(1, seq_len + 1))
+        ids = rng.integers(3, 500, n).tolist()
+        samples.append((f"r{i}", ids, [IGNORE_INDEX] + [
+            x if rng.random() < 0.7 else IGNORE_INDEX for x in ids[1:]]))
+    cuts = sorted(set(rng.integers(0, len(samples) + 1, int(rng.integers(0, 8))).tolist()))
+    packer = BlockPacker(seq_len, pad_id=1, packing=packing)
+    parts = [packer.add(Samples.from_lists(samples[a:b]))
+             for a, b in zip([0] + cuts, cuts + [len(samples)], strict=True)]
+    got = concat_blocks([p for p in parts + [packer.finish()] if p is not None], seq_len)
+    want = _one_by_one(samples, seq_len, 1, packing)
+    assert len(got) == len(want)
+    assert list(got.block_sample_ids()) == [b["samples"] for b in want]
+    assert got.input_ids.tolist() == [b["ids"] for b in want]
+    assert got.labels.tolist() == [b["labels"] for b in want]
+    assert got.position_ids.tolist() == [b["pos"] for b in want]
+    assert got.trainable_tokens.tolist() == [b["trainable"] for b in want]
+    assert got.real_tokens.tolist() == [b["real"] for b in want]
+
+
+def test_a_sample_longer_than_a_block_is_refused() -> None:
+    with pytest.raises(ValueError, match="s0 has 9 tokens > seq_len 8"):
+        pack_samples(Samples.from_lists([("s0", [5] * 9, [5] * 9)]), 8, 0, True)
 
 
 def test_packed_block_does_not_attend_across_samples(tiny_assets) -> None:
@@ -42,7 +101,8 @@ def test_packed_block_does_not_attend_across_samples(tiny_assets) -> None:
 
 
 def test_resume_at_other_world_size_covers_each_sample_once(tmp_path) -> None:
-    blocks = pack_samples(_samples() * 1, seq_len=8 + 4, pad_id=0, packing=False)
+    blocks = pack_samples(Samples.from_lists(_samples()), seq_len=8 + 4, pad_id=0,
+                          packing=False)
     data = write_blocks(blocks, tmp_path)
     data = PreparedData.open(tmp_path)
     global_batch = 3

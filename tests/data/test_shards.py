@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from elastic_ft.data.pack import pack_samples
+from elastic_ft.data.pack import Samples, pack_samples
 from elastic_ft.data.prepared import (
     PAD_SLOT,
     DataPosition,
@@ -28,7 +28,7 @@ def _prepared(tmp_path, n_samples: int = 23) -> PreparedData:
         n = rng.randint(2, 11)
         samples.append((f"s{i}", [rng.randint(3, 90) for _ in range(n)],
                         [IGNORE_INDEX] + [rng.randint(3, 90) for _ in range(n - 1)]))
-    write_blocks(pack_samples(samples, seq_len=12, pad_id=0, packing=False), tmp_path)
+    write_blocks(pack_samples(Samples.from_lists(samples), seq_len=12, pad_id=0, packing=False), tmp_path)
     return PreparedData.open(tmp_path)
 
 

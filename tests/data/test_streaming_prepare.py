@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from elastic_ft.config import DataConfig
-from elastic_ft.data.pack import pack_samples
+from elastic_ft.data.pack import BlockPacker, Samples, pack_samples
 from elastic_ft.data.pipeline import prepare_data
 from elastic_ft.data.prepared import BLOCKS_FILE, BlockWriter, PreparedData, write_blocks
 from elastic_ft.data.readers import CHUNK_BYTES, source_chunks
@@ -78,18 +78,24 @@ def test_driver_memory_grows_by_a_digest_per_row_not_by_the_rows(tmp_path, tiny_
 def test_block_writer_streams_record_batches_and_aborts_cleanly(tmp_path) -> None:
     samples = [(f"s{i}", [i + 1] * (3 + i % 5), [-100] + [i + 1] * (2 + i % 5))
                for i in range(40)]
-    blocks = pack_samples(samples, seq_len=8, pad_id=0, packing=True)
+    blocks = pack_samples(Samples.from_lists(samples), seq_len=8, pad_id=0, packing=True)
     reference = write_blocks(blocks, tmp_path / "whole")
+    packer = BlockPacker(8, pad_id=0, packing=True)
     writer = BlockWriter(tmp_path / "stream", batch_blocks=4)
-    for block in blocks:
-        writer.add(block)
+    for start in range(0, len(samples), 3):  # blocks arrive 0, 1 or 2 at a time
+        filled = packer.add(Samples.from_lists(samples[start:start + 3]))
+        if filled is not None:
+            writer.add(filled)
+    writer.add(packer.finish())
     streamed = writer.close()
     assert streamed.table.equals(reference.table)
     with pa.memory_map(str(tmp_path / "stream" / BLOCKS_FILE)) as source:
-        assert pa.ipc.open_file(source).num_record_batches == -(-len(blocks) // 4)
+        reader = pa.ipc.open_file(source)
+        sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+    assert sizes == [4] * (len(blocks) // 4) + ([len(blocks) % 4] if len(blocks) % 4 else [])
     # a failed prepare leaves the earlier blocks as they were, and no partial file
     failed = BlockWriter(tmp_path / "stream", batch_blocks=4)
-    failed.add(blocks[0])
+    failed.add(blocks)
     failed.abort()
     assert sorted(p.name for p in (tmp_path / "stream").iterdir()) == [BLOCKS_FILE]
     assert PreparedData.open(tmp_path / "stream").table.equals(reference.table)

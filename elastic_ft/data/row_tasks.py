@@ -1,0 +1,123 @@
+"""What a data task does with its rows: read, normalise, validate, tokenise, into Arrow.
+
+One read task (`readers.source_chunks`) reads its rows and processes them in the same
+process, so the parsed records never cross a process; the result is Arrow tables of
+`ROW_SCHEMA`, a batch of rows each, whose reason column is empty for a kept row. The same
+tables come from Ray Data tasks (`process_ray`, in source order) and from this process
+(`process_local`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from elastic_ft.config import DataConfig
+from elastic_ft.data.formats import apply_columns, normalise
+from elastic_ft.data.readers import read_chunk
+from elastic_ft.data.tokenize import count_trainable, load_tokenizer, tokenize_rows
+from elastic_ft.data.validate import Reason, RowError
+
+ROW_SCHEMA = pa.schema([
+    ("source", pa.string()), ("row", pa.int64()), ("payload", pa.string()),
+    ("reason", pa.string()), ("detail", pa.string()), ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())), ("n_tokens", pa.int32()), ("truncated", pa.bool_()),
+    ("content_hash", pa.string())])
+
+
+def process_batch(raws: list[dict[str, Any]], fmt: str, tokenizer: Any, cfg: DataConfig
+                  ) -> pa.Table:
+    """Normalise, validate and tokenise a batch of raw rows (`ROW_SCHEMA`); rejects keep
+    their reason, and every row its payload (a kept row may still be found a duplicate)."""
+    canonical: list[dict[str, Any] | None] = []
+    reasons: list[tuple[str, str]] = []
+    for raw in raws:
+        reason, detail = raw["parse_error"], raw["parse_detail"]
+        row = None
+        if not reason:
+            try:
+                row = normalise(apply_columns(raw["record"], cfg.columns), fmt)
+            except RowError as error:
+                reason, detail = error.reason.value, error.detail
+        canonical.append(row)
+        reasons.append((reason, detail))
+    ok_rows = [row for row in canonical if row is not None]
+    refused: dict[int, str] = {}
+    tokenized = iter(tokenize_rows(ok_rows, tokenizer, cfg.train_on, cfg.template,
+                                   tuple(cfg.roles_to_train), refused))
+    ok_index = iter(range(len(ok_rows)))
+    out: dict[str, list[Any]] = {name: [] for name in ROW_SCHEMA.names}
+    for raw, row, (reason, detail) in zip(raws, canonical, reasons, strict=True):
+        ids: list[int] = []
+        labels: list[int] = []
+        truncated = False
+        n_tokens = 0
+        if row is not None:
+            ids, labels = next(tokenized)
+            k = next(ok_index)
+            if k in refused:
+                reason, detail = Reason.TEMPLATE_REFUSED.value, refused[k]
+            n_tokens = len(ids)
+            if n_tokens > cfg.seq_len:
+                if cfg.too_long == "drop":
+                    reason, detail = Reason.TOO_LONG.value, f"{n_tokens} tokens > {cfg.seq_len}"
+                else:
+                    ids, labels, truncated = ids[: cfg.seq_len], labels[: cfg.seq_len], True
+            if not reason and count_trainable(labels) == 0:
+                reason, detail = Reason.NO_TRAINABLE_TOKENS.value, "every label is masked"
+        out["source"].append(raw["source"])
+        out["row"].append(raw["row"])
+        out["payload"].append(raw["payload"])
+        out["reason"].append(reason)
+        out["detail"].append(detail)
+        out["input_ids"].append(ids if not reason else [])
+        out["labels"].append(labels if not reason else [])
+        out["n_tokens"].append(n_tokens)
+        out["truncated"].append(truncated)
+        out["content_hash"].append(
+            hashlib.sha1(json.dumps(row, sort_keys=True).encode()).hexdigest() if row else "")
+    return pa.table(out, schema=ROW_SCHEMA)
+
+
+def process_chunk(chunk: dict[str, Any], tokenizer_path: str, cfg_json: str,
+                  trust_remote_code: bool, batch_rows: int = 512) -> Iterator[pa.Table]:
+    """One read task (`readers.source_chunks`): its rows read and processed in batches, in
+    the process that reads them (the parsed records never cross a process)."""
+    cfg = DataConfig.model_validate_json(cfg_json)
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+    raws = read_chunk(chunk)
+    while part := list(itertools.islice(raws, batch_rows)):
+        yield process_batch(part, chunk["fmt"], tokenizer, cfg)
+
+
+def process_local(chunks: list[dict[str, Any]], tokenizer_path: str, cfg_json: str,
+                   trust_remote_code: bool) -> Iterator[pa.Table]:
+    """The same tables as `process_ray`, in this process."""
+    for chunk in chunks:
+        yield from process_chunk(chunk, tokenizer_path, cfg_json, trust_remote_code)
+
+
+def _chunk_task(batch: pa.Table, tokenizer_path: str, cfg_json: str,
+                trust_remote_code: bool) -> Iterator[pa.Table]:
+    for chunk in batch.to_pylist():
+        yield from process_chunk(chunk, tokenizer_path, cfg_json, trust_remote_code)
+
+
+def process_ray(chunks: list[dict[str, Any]], tokenizer_path: str, cfg_json: str,
+                 trust_remote_code: bool) -> Iterator[pa.Table]:
+    """The processed rows in source order, one Ray Data task per read chunk (a JSON Lines
+    file in byte ranges, so its rows are validated and tokenised in parallel), streamed back
+    to the driver a block at a time as Arrow tables."""
+    import ray
+
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+    ds.context.execution_options.preserve_order = True  # quarantine and packing follow the file
+    ds = ds.map_batches(_chunk_task, batch_size=1, batch_format="pyarrow", fn_kwargs={
+        "tokenizer_path": tokenizer_path, "cfg_json": cfg_json,
+        "trust_remote_code": trust_remote_code})
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
