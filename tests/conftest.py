@@ -184,3 +184,33 @@ def _rank_then_exit(rank: int, fn, args: tuple) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def sgd_reference(cfg, prepared_dir: Path, steps: int) -> list[dict[str, float]]:
+    """What LOMO must give (issue 22): plain torch SGD + clip_grad_norm_ + LambdaLR over the
+    run's global batches, with the run's loss, the token mean over the whole global batch."""
+    import torch
+
+    from elastic_ft.core.engine import lr_lambda
+    from elastic_ft.core.model import load_model
+    from elastic_ft.data.prepared import DataPosition, PreparedData
+
+    torch.manual_seed(cfg.train.seed)
+    model = load_model(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+    data, position, out = PreparedData.open(prepared_dir), DataPosition(), []
+    for _ in range(steps):
+        indices, position = data.global_batch(position, cfg.train.global_batch,
+                                              cfg.train.seed, cfg.data.shuffle)
+        batch = data.batch(indices)
+        loss = model(**batch, use_cache=False,
+                     num_items_in_batch=torch.tensor(data.trainable_tokens(indices))).loss
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # metrics.jsonl's lr, as DeepSpeed's: the rate after the step's scheduler step
+        out.append({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": norm})
+    return out

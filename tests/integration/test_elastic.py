@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from elastic_ft.config import load_config
+from elastic_ft.events import read_steps
 from elastic_ft.testing.fake_nodes import WORKER_RESOURCES, BackgroundRun, FakeNodeCluster
 from tests.conftest import (
     ROOT,
@@ -18,6 +19,7 @@ from tests.conftest import (
     assert_same_trajectory,
     losses_by_step,
     placement_tries,
+    sgd_reference,
 )
 
 pytestmark = pytest.mark.ray
@@ -223,3 +225,39 @@ def test_cloud_metadata_notice_takes_jit_checkpoint_and_loses_no_step(cluster, t
     assert "PUT /latest/api/token" in metadata.requests  # IMDSv2, from that node's monitor
     _assert_noticed_node_drained_and_left_out(events, node.node_id)
     _assert_no_step_lost(events, summary, out, reference, "preemption")
+
+
+LOMO = {"method.kind": "full", "optim.name": "lomo", "optim.lr": 0.01, "optim.grad_clip": 1.0,
+        "optim.schedule": "constant", "optim.warmup_steps": 2, "deepspeed.zero_stage": 0,
+        "train.global_batch": 4, "train.micro_batch": 4, "train.max_steps": 30}
+
+
+def test_lomo_resizes_on_a_drain_as_sgd_with_clipping(cluster, tiny_assets, tmp_path):
+    """LOMO (issue 22) elastic: two workers (each gradient all-reduced inside its backward
+    hook, then applied and freed), a drain notice, a just-in-time checkpoint, and the run goes
+    on at one worker from that step. LOMO is SGD fused into the backward, so every step's loss
+    and rate must equal plain SGD with gradient-norm clipping on the same global batches
+    (`sgd_reference`, torch's own SGD) within 1e-5, at both world sizes."""
+    out = tmp_path / "lomo"
+    node = cluster.nodes[-1]
+    events, summary = _notice_then_node_goes(
+        cluster, tiny_assets, out, node, lambda run: cluster.drain_node(node, deadline_s=30),
+        "drain notice", **LOMO)
+    steps = LOMO["train.max_steps"]
+    jit = _of(events, "jit_checkpoint")[-1]
+    resume = [r for r in _of(events, "resume") if r["t"] > jit["t"]][0]
+    assert (resume["step"], resume["from_world_size"], resume["world_size"]) == (
+        jit["step"], 2, 1)  # no step lost
+    assert resume["universal"] is False  # nothing is sharded: any world size loads it as is
+    plans = {(e["world_size"], tuple(e["plan"]["micro_batches"]), e["plan"]["grad_accum"])
+             for e in _of(events, "start")}
+    assert plans == {(2, (2, 2), 1), (1, (4,), 1)}  # one micro-step per step, whole batch
+    trained = {r["step"]: r for r in read_steps(out / "metrics.jsonl")}
+    assert sorted(trained) == list(range(1, steps + 1)) and summary["steps"] == steps
+
+    reference = sgd_reference(_cfg(tiny_assets, out, **LOMO), out / "prepared", steps)
+    assert any(s["grad_norm"] > LOMO["optim.grad_clip"] for s in reference)  # clipping on
+    for step, ref in enumerate(reference, start=1):
+        assert trained[step]["lr"] == pytest.approx(ref["lr"], rel=1e-9), step
+        assert trained[step]["loss"] == pytest.approx(ref["loss"], abs=1e-5), (step, ref)
+    assert (out / "final" / "model.safetensors").exists()  # a plain Hugging Face model
