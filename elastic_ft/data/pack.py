@@ -107,20 +107,27 @@ class Blocks:
             yield self.sample_ids[start:start + count]
             start += count
 
-    def record_batch(self) -> pa.RecordBatch:
-        n, seq_len = self.input_ids.shape
+    def record_batches(self, max_blocks: int) -> Iterator[pa.RecordBatch]:
+        """The blocks as record batches of at most `max_blocks` (Arrow's list offsets are
+        32-bit: a batch holds well under 2**31 tokens)."""
+        seq_len = self.input_ids.shape[1]
+        sample_ends = np.cumsum(self.sample_counts)
+        for lo in range(0, len(self), max_blocks):
+            hi = min(lo + max_blocks, len(self))
+            first = int(sample_ends[lo - 1]) if lo else 0
+            sample_offsets = np.concatenate([[first], sample_ends[lo:hi]]) - first
 
-        def rows(array: np.ndarray) -> pa.ListArray:
-            return pa.ListArray.from_arrays(
-                pa.array(np.arange(0, (n + 1) * seq_len, seq_len, dtype=np.int32)),
-                pa.array(array.reshape(-1).astype(np.int32, copy=False)))
+            def rows(array: np.ndarray, lo: int = lo, hi: int = hi) -> pa.ListArray:
+                return pa.ListArray.from_arrays(
+                    pa.array(np.arange(0, (hi - lo + 1) * seq_len, seq_len, dtype=np.int32)),
+                    pa.array(array[lo:hi].reshape(-1).astype(np.int32, copy=False)))
 
-        sample_offsets = np.concatenate([[0], np.cumsum(self.sample_counts)]).astype(np.int32)
-        return pa.record_batch([
-            rows(self.input_ids), rows(self.labels), rows(self.position_ids),
-            pa.ListArray.from_arrays(pa.array(sample_offsets), pa.array(self.sample_ids,
-                                                                        pa.string())),
-            pa.array(self.trainable_tokens.astype(np.int32))], schema=BLOCK_SCHEMA)
+            yield pa.record_batch([
+                rows(self.input_ids), rows(self.labels), rows(self.position_ids),
+                pa.ListArray.from_arrays(
+                    pa.array(sample_offsets.astype(np.int32)),
+                    pa.array(self.sample_ids[first:int(sample_ends[hi - 1])], pa.string())),
+                pa.array(self.trainable_tokens[lo:hi].astype(np.int32))], schema=BLOCK_SCHEMA)
 
 
 def _build_blocks(samples: Samples, block_of: np.ndarray, start: np.ndarray, n_blocks: int,

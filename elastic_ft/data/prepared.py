@@ -46,9 +46,10 @@ class BlockWriter:
         self.pending: list[pa.RecordBatch] = []
 
     def add(self, blocks: Blocks) -> None:
-        self.pending.append(blocks.record_batch())
-        if sum(len(b) for b in self.pending) >= self.batch_blocks:
-            self._flush(whole_only=True)
+        for batch in blocks.record_batches(self.batch_blocks):
+            self.pending.append(batch)
+            if sum(len(b) for b in self.pending) >= self.batch_blocks:
+                self._flush(whole_only=True)
 
     def _flush(self, whole_only: bool = False) -> None:
         """Writes the pending blocks as record batches of `batch_blocks` (the last one shorter

@@ -93,6 +93,9 @@ def test_block_writer_streams_record_batches_and_aborts_cleanly(tmp_path) -> Non
         reader = pa.ipc.open_file(source)
         sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
     assert sizes == [4] * (len(blocks) // 4) + ([len(blocks) % 4] if len(blocks) % 4 else [])
+    at_once = BlockWriter(tmp_path / "at_once", batch_blocks=4)  # many blocks in one add
+    at_once.add(blocks)
+    assert at_once.close().table.equals(reference.table)
     # a failed prepare leaves the earlier blocks as they were, and no partial file
     failed = BlockWriter(tmp_path / "stream", batch_blocks=4)
     failed.add(blocks)
