@@ -99,7 +99,8 @@ def random_blocks(folder: Path, n_samples: int, seed: int):
         n = rng.randint(6, 30)
         ids = [rng.randint(3, 900) for _ in range(n)]
         samples.append((f"s{i}", ids, [IGNORE_INDEX] * (n // 3) + ids[n // 3:]))
-    return write_blocks(pack_samples(Samples.from_lists(samples), seq_len=32, pad_id=0, packing=True), folder)
+    blocks = pack_samples(Samples.from_lists(samples), seq_len=32, pad_id=0, packing=True)
+    return write_blocks(blocks, folder)
 
 
 class FixedCaps:

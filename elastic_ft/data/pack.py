@@ -25,6 +25,11 @@ BLOCK_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.lis
                           ("sample_ids", pa.list_(pa.string())), ("n_trainable", pa.int32())])
 
 
+def _offsets(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Where each sample starts in the flat token arrays, and where the last one ends."""
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
 @dataclass
 class Samples:
     """Tokenised samples as columns: sample k's tokens are `ids[offsets[k]:offsets[k+1]]`."""
@@ -44,8 +49,7 @@ class Samples:
     def from_lists(cls, samples: Sequence[tuple[str, Sequence[int], Sequence[int]]]) -> Samples:
         lengths = [len(ids) for _, ids, _ in samples]
         return cls([s for s, _, _ in samples],
-                   np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
-                   np.fromiter((t for _, ids, _ in samples for t in ids), np.int32),
+                   _offsets(lengths), np.fromiter((t for _, ids, _ in samples for t in ids), np.int32),
                    np.fromiter((t for _, _, labels in samples for t in labels), np.int32))
 
     @classmethod
@@ -55,8 +59,7 @@ class Samples:
         labels = table.column("labels").combine_chunks()
         lengths = ids.value_lengths().to_numpy(zero_copy_only=False)
         return cls(table.column("sample_id").to_pylist(),
-                   np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
-                   ids.flatten().to_numpy().astype(np.int32, copy=False),
+                   _offsets(lengths), ids.flatten().to_numpy().astype(np.int32, copy=False),
                    labels.flatten().to_numpy().astype(np.int32, copy=False))
 
     def take(self, start: int, stop: int) -> Samples:
@@ -67,18 +70,20 @@ class Samples:
 
     def where(self, mask: np.ndarray) -> Samples:
         """The samples where `mask` (one bool per sample) is true, in order."""
-        lengths = self.lengths[mask]
+        tokens = np.repeat(mask, self.lengths)
         return Samples([s for s, keep in zip(self.sample_ids, mask.tolist(), strict=True)
-                        if keep], np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
-                       self.ids[np.repeat(mask, self.lengths)],
-                       self.labels[np.repeat(mask, self.lengths)])
+                        if keep], _offsets(self.lengths[mask]), self.ids[tokens],
+                       self.labels[tokens])
+
+    @staticmethod
+    def empty() -> Samples:
+        return Samples([], np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32))
 
     @staticmethod
     def concat(parts: Sequence[Samples]) -> Samples:
         parts = [p for p in parts if len(p)]
         if not parts:
-            return Samples([], np.zeros(1, np.int64), np.zeros(0, np.int32),
-                           np.zeros(0, np.int32))
+            return Samples.empty()
         starts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
         return Samples([s for p in parts for s in p.sample_ids],
                        np.concatenate([[0]] + [p.offsets[1:] + b for p, b in zip(
@@ -100,12 +105,6 @@ class Blocks:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-    def block_sample_ids(self) -> Iterator[list[str]]:
-        start = 0
-        for count in self.sample_counts.tolist():
-            yield self.sample_ids[start:start + count]
-            start += count
 
     def record_batches(self, max_blocks: int) -> Iterator[pa.RecordBatch]:
         """The blocks as record batches of at most `max_blocks` (Arrow's list offsets are
@@ -158,7 +157,7 @@ class BlockPacker:
 
     def __init__(self, seq_len: int, pad_id: int, packing: bool) -> None:
         self.seq_len, self.pad_id, self.packing = seq_len, pad_id, packing
-        self.open = Samples.concat([])  # the block being filled
+        self.open = Samples.empty()  # the block being filled
 
     def add(self, batch: Samples) -> Blocks | None:
         samples = Samples.concat([self.open, batch])
@@ -184,7 +183,7 @@ class BlockPacker:
         """The block being filled, padded; None when it is empty."""
         if not len(self.open):
             return None
-        samples, self.open = self.open, Samples.concat([])
+        samples, self.open = self.open, Samples.empty()
         zero = np.zeros(len(samples), np.int64)
         return _build_blocks(samples, zero, samples.offsets[:-1], 1, self.seq_len, self.pad_id)
 

@@ -14,6 +14,12 @@ def _samples():
             for i, n in enumerate([5, 9, 3, 7, 11, 2, 6])]
 
 
+def _per_block(blocks) -> list[list[str]]:
+    """Each block's sample ids (`Blocks` keeps them flat, with a count per block)."""
+    ends = np.cumsum(blocks.sample_counts).tolist()
+    return [blocks.sample_ids[a:b] for a, b in zip([0] + ends[:-1], ends, strict=True)]
+
+
 def _one_by_one(samples, seq_len: int, pad_id: int, packing: bool) -> list[dict]:
     """The packing rule written out a sample and a token at a time: what the columnar
     packer must give."""
@@ -42,7 +48,7 @@ def test_packing_keeps_samples_whole_and_resets_positions() -> None:
     assert sorted(blocks.sample_ids) == sorted(f"s{i}" for i in range(7))
     assert blocks.input_ids.shape == blocks.labels.shape == blocks.position_ids.shape
     assert blocks.input_ids.shape[1] == 16
-    for i, sample_ids in enumerate(blocks.block_sample_ids()):
+    for i, sample_ids in enumerate(_per_block(blocks)):
         starts = np.flatnonzero(blocks.position_ids[i] == 0)
         # one segment per sample, plus the padding segment when there is padding
         assert len(starts) == len(sample_ids) + (blocks.real_tokens[i] < 16)
@@ -70,7 +76,7 @@ def test_columnar_packing_in_any_batches_matches_the_rule(seed: int, packing: bo
     got = concat_blocks([p for p in parts + [packer.finish()] if p is not None], seq_len)
     want = _one_by_one(samples, seq_len, 1, packing)
     assert len(got) == len(want)
-    assert list(got.block_sample_ids()) == [b["samples"] for b in want]
+    assert list(_per_block(got)) == [b["samples"] for b in want]
     assert got.input_ids.tolist() == [b["ids"] for b in want]
     assert got.labels.tolist() == [b["labels"] for b in want]
     assert got.position_ids.tolist() == [b["pos"] for b in want]
