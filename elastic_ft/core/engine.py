@@ -67,6 +67,8 @@ def build_engine(cfg: RunConfig, model: Any, plan: WorkerPlan, total_steps: int,
     import deepspeed
     import torch
 
+    from elastic_ft.core.build_locks import release_stale_build_locks
+
     lr = cfg.optim.lr * plan.lr_scale
     if cfg.optim.name == "lomo":  # no DeepSpeed: the update is fused into the backward
         from elastic_ft.core.lomo import build_lomo_engine
@@ -80,6 +82,7 @@ def build_engine(cfg: RunConfig, model: Any, plan: WorkerPlan, total_steps: int,
     else:
         optimizer = torch.optim.SGD(params, lr=lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    release_stale_build_locks()  # else a worker killed in an op's build stalls this one
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, plan, load_universal, model.config.hidden_size, rank),

@@ -17,7 +17,11 @@ def main() -> None:
         return
     from deepspeed.ops.op_builder import ShareMemCommBuilder
 
+    from elastic_ft.core.build_locks import release_stale_build_locks
+
     t0 = time.time()
+    for lock in release_stale_build_locks():
+        print(f"[warmup] removed a stale build lock: {lock}")
     try:
         ShareMemCommBuilder().load(verbose=False)
         print(f"[warmup] deepspeed_shm_comm ready in {time.time() - t0:.1f}s")
