@@ -59,7 +59,9 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         if self.method.kind == "qlora" and self.deepspeed.zero_stage == 3:
-            raise ValueError("method.kind qlora cannot be sharded with zero_stage 3")
+            raise ValueError("method.kind qlora cannot be sharded with zero_stage 3 (ZeRO-3 "
+                             "does not partition 4-bit weights): set deepspeed.zero_stage: 2, "
+                             "or use method.kind lora")
         if self.optim.name == "lomo":
             if self.method.kind != "full":
                 raise ValueError("optim.name lomo is full fine-tuning (it updates every weight "

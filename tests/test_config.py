@@ -42,6 +42,13 @@ def test_lomo_needs_full_fine_tuning_without_deepspeed() -> None:
     assert cfg.optim.name == "lomo"
 
 
+def test_qlora_with_zero_3_is_refused_by_the_config_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match="qlora cannot be sharded with zero_stage 3.*set "
+                                          "deepspeed.zero_stage: 2"):
+        load_config(DEMO, {"method.kind": "qlora", "deepspeed.zero_stage": 3})
+    assert load_config(DEMO, {"method.kind": "qlora"}).deepspeed.zero_stage == 2
+
+
 def test_cli_rejects_bad_config_before_ray_starts(tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(DEMO.read_text().replace("zero_stage: 2", "zero_stage: 7"))

@@ -108,6 +108,21 @@ def test_plan_and_train_stop_with_one_line_not_a_traceback(tmp_path, tiny_assets
     assert "Started a local Ray" not in (out / "logs" / "run.log").read_text()  # no compute
 
 
+def test_submit_runs_the_checks_before_anything_reaches_a_cluster(tmp_path, tiny_assets,
+                                                                  monkeypatch) -> None:
+    """No cluster listens at the address: the pre-flight line is all that happens."""
+    from elastic_ft.core.ports import free_port
+
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(main, [
+        "submit", CONFIG, "--address", f"http://127.0.0.1:{free_port()}",
+        "--set", f"model.name_or_path={tiny_assets}", "--set", "method.kind=qlora",
+        "--set", f"output_dir={tmp_path / 'out'}"])
+    assert done.exit_code == 1
+    assert "qlora needs CUDA" in done.output and "Traceback" not in done.output
+    assert "job " not in done.output  # nothing submitted
+
+
 def test_the_cluster_at_ray_address_is_checked_for_room(tmp_path, tiny_assets, ray_local):
     import os
 
