@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--name", default="data_pipeline", help="results file name")
     parser.add_argument("--ray-only", action="store_true",
                         help="only elastic_ft's Ray Data prepare (its memory at 1M rows)")
+    parser.add_argument("--parallel-only", action="store_true",
+                        help="skip the one-process sides (the local engine, datasets.map "
+                             "with one process): the headline ratio alone")
     parser.add_argument("--no-training", action="store_true",
                         help="skip the data-wait share of a short training run")
     args = parser.parse_args()
@@ -138,14 +141,15 @@ def main() -> None:
     corpus = work / "corpus.jsonl"
     make_corpus(corpus, args.rows)
     cores = os.cpu_count() or 1
-    ray.init(address="local", num_cpus=max(4, cores), include_dashboard=False,
-             log_to_driver=False)
+    from elastic_ft.core.trainer import ensure_ray
+
+    ensure_ray()  # as `elastic-ft prepare/train` start it: one logical CPU per core
     ray.data.DataContext.get_current().enable_progress_bars = False
     times: dict[str, list[float]] = {"elastic_ft_ray": [], "elastic_ft_local": [],
                                      "datasets_map": [], "datasets_map_1proc": []}
     rss: dict[str, list[dict[str, int]]] = {"elastic_ft_ray": [], "elastic_ft_local": []}
     for _ in range(args.repeats):  # interleaved, so drift hits every side alike
-        for engine in ("ray", "local")[:1 if args.ray_only else 2]:
+        for engine in ("ray", "local")[:1 if args.ray_only or args.parallel_only else 2]:
             seconds, peak = time_elastic_ft(corpus, work / "assets" / "tokenizer", work, engine)
             times[f"elastic_ft_{engine}"].append(seconds)
             rss[f"elastic_ft_{engine}"].append({"before_bytes": peak.before,
@@ -154,8 +158,9 @@ def main() -> None:
             continue
         times["datasets_map"].append(time_datasets_map(corpus, work / "assets" / "tokenizer",
                                                        work, cores))
-        times["datasets_map_1proc"].append(time_datasets_map(
-            corpus, work / "assets" / "tokenizer", work, 1))
+        if not args.parallel_only:
+            times["datasets_map_1proc"].append(time_datasets_map(
+                corpus, work / "assets" / "tokenizer", work, 1))
     times = {k: v for k, v in times.items() if v}
     rss = {k: v for k, v in rss.items() if v}
     rows_per_s = {k: args.rows / statistics.median(v) for k, v in times.items()}
@@ -164,12 +169,13 @@ def main() -> None:
         return rows_per_s[ours] / rows_per_s[theirs] if theirs in rows_per_s else None
 
     wait = None if args.no_training else data_wait_share(work / "assets" / "model", work)
+    ray_cpus = ray.cluster_resources().get("CPU")
     ray.shutdown()
     hardware = hardware_record()
     result = {
         "benchmark": args.name, "rows": args.rows, "repeats": args.repeats,
         "hardware": hardware, "seconds": times, "median_rows_per_s": rows_per_s,
-        "template": TEMPLATE,
+        "template": TEMPLATE, "ray_logical_cpus": ray_cpus,
         "ratio_ray_vs_datasets_map": ratio("elastic_ft_ray", "datasets_map"),
         "ratio_local_vs_datasets_map_1proc": ratio("elastic_ft_local", "datasets_map_1proc"),
         "training": wait,

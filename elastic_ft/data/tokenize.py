@@ -129,4 +129,4 @@ def render_prompt(text: str, tokenizer: Any, template: str) -> list[int]:
 
 
 def count_trainable(labels: list[int]) -> int:
-    return sum(1 for label in labels if label != IGNORE_INDEX)
+    return len(labels) - labels.count(IGNORE_INDEX)  # list.count: no Python loop per token
