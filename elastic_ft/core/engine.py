@@ -64,10 +64,12 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
 
 def build_engine(cfg: RunConfig, model: Any, plan: WorkerPlan, total_steps: int,
                  load_universal: bool, rank: int = 0) -> tuple[Any, Any]:
-    import deepspeed
     import torch
 
     from elastic_ft.core.build_locks import release_stale_build_locks
+    from elastic_ft.core.lean_imports import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     lr = cfg.optim.lr * plan.lr_scale
     if cfg.optim.name == "lomo":  # no DeepSpeed: the update is fused into the backward

@@ -116,8 +116,9 @@ def local_process_group(rank: int = 0, world: int = 1, port: int | None = None) 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
-    import deepspeed
+    from elastic_ft.core.lean_imports import import_deepspeed
 
+    deepspeed = import_deepspeed()
     # Wrapping the group now loads DeepSpeed's comm op outside the measured window.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
@@ -136,7 +137,9 @@ def measure_candidate(cfg: RunConfig, micro_batch: int, steps: int = 2,
     Returns {"peak_bytes", "reserved_bytes"}; on CPU both are the RSS growth, and with
     `cpu_allocations` "allocated_bytes" is the CPU tensors' peak (`CpuAllocatedPeak`).
     """
-    import deepspeed  # noqa: F401  (chooses its accelerator before torch work)
+    from elastic_ft.core.lean_imports import import_deepspeed
+
+    import_deepspeed()  # chooses its accelerator before torch work
     import peft  # noqa: F401  (module imports are not the step's memory)
     import torch
     import transformers  # noqa: F401

@@ -43,7 +43,9 @@ from elastic_ft.data.shards import SHARD, ShardReader
 def train_worker(config: dict[str, Any]) -> None:
     # rank 0's part of the restart's timeline (resources/recovery.py)
     marks = {"worker_process_started": _process_start_t(), "train_fn_entered": time.time()}
-    import deepspeed  # noqa: F401  (imported before torch work so its accelerator is chosen once)
+    from elastic_ft.core.lean_imports import import_deepspeed
+
+    import_deepspeed()  # before torch work, so its accelerator is chosen once
     import ray
     import ray.train
     import torch

@@ -24,7 +24,6 @@ STEPS = 3
 def _prepared(tmp_path: Path):
     from elastic_ft.data.prepared import PreparedData
 
-    random_blocks(tmp_path / "data", 40, seed=3)
     return PreparedData.open(tmp_path / "data")
 
 
@@ -75,6 +74,7 @@ def _rank(rank: int, port: int, tiny_assets: str, tmp: str) -> None:
 def test_uneven_split_matches_even_split_at_every_zero_stage(tmp_path, tiny_assets) -> None:
     from elastic_ft.core.ports import free_port
 
+    random_blocks(tmp_path / "data", 40, seed=3)  # once: two ranks writing it would race
     spawn_ranks(_rank, 2, free_port(), str(tiny_assets), str(tmp_path))
     results = json.loads((tmp_path / "losses.json").read_text())
     for stage in (0, 1, 2, 3):
