@@ -18,6 +18,9 @@ keeps Ray's defaults (15 s and more), the "before" of that setting.
     python benchmarks/elastic_recovery.py --trials 3 [--systems plain,elastic_ft]
         [--health-check training|ray-defaults]
     python benchmarks/elastic_recovery.py --detection 3   # node death detection alone
+    python benchmarks/elastic_recovery.py --trials 3 --systems elastic_ft --against ../old
+        # each trial also runs elastic_ft from another checkout (a git worktree of an older
+        # commit), alternating with this one: a before/after in one sitting
 Writes benchmarks/results/<hardware>/elastic_recovery.json (with Ray's health-check defaults:
 elastic_recovery_ray_health_defaults.json).
 """
@@ -34,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from elastic_ft.testing.fake_nodes import (  # noqa: E402
@@ -245,6 +249,11 @@ def detection(repeats: int) -> None:
                     "training_system_config": SYSTEM_CONFIG, "summary": summary}, summary)
 
 
+def _span(timeline: dict[str, Any], start: str, end: str) -> float:
+    t = {p["phase"]: p["t"] for p in timeline["phases"]}
+    return round(t[end] - t[start], 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=3)
@@ -253,6 +262,8 @@ def main() -> None:
                         default="training")
     parser.add_argument("--detection", type=int, metavar="REPEATS", default=0,
                         help="only time a hard-killed node's death detection, both settings")
+    parser.add_argument("--against", type=Path, metavar="CHECKOUT",
+                        help="also run elastic_ft from this checkout, alternating trials")
     parser.add_argument("--single", nargs=3, metavar=("SYSTEM", "MODEL", "WORKDIR"),
                         help=argparse.SUPPRESS)  # one trial in a fresh process
     args = parser.parse_args()
@@ -272,16 +283,28 @@ def main() -> None:
     model = work / "assets" / "model"
     rows: list[dict[str, Any]] = []
     systems = args.systems.split(",")
+    checkouts = {system: ROOT for system in systems}
+    if args.against is not None:
+        against = args.against.resolve()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=against,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        checkouts[f"elastic_ft@{commit}"] = against
+        systems.append(f"elastic_ft@{commit}")
     for i in range(args.trials):
         for system in systems:
             trial_dir = work / f"trial{i}"
             trial_dir.mkdir(exist_ok=True)
-            done = subprocess.run([sys.executable, __file__, "--single", system, str(model),
-                                   str(trial_dir), "--health-check", args.health_check],
-                                  timeout=900)
-            if not (trial_dir / f"{system}.json").exists():
+            root = checkouts[system]
+            (trial_dir / system.replace("@", "_")).mkdir(exist_ok=True)
+            done = subprocess.run(
+                [sys.executable, str(root / "benchmarks" / "elastic_recovery.py"), "--single",
+                 system.split("@")[0], str(model), str(trial_dir / system.replace("@", "_")),
+                 "--health-check", args.health_check],
+                timeout=900, env={**os.environ, "PYTHONPATH": str(root)})
+            out = trial_dir / system.replace("@", "_") / f"{system.split('@')[0]}.json"
+            if not out.exists():
                 raise RuntimeError(f"{system} trial {i} failed (exit {done.returncode})")
-            for row in json.loads((trial_dir / f"{system}.json").read_text()):
+            for row in json.loads(out.read_text()):
                 rows.append({"system": system, "trial": i, **row})
                 print(json.dumps(rows[-1]), flush=True)
     summary: dict[str, Any] = {}
@@ -298,6 +321,13 @@ def main() -> None:
                 summary[f"{system}/{event}"]["phases_s"] = {
                     n: statistics.median(p["s"] for t in timelines for p in t["phases"]
                                          if p["phase"] == n) for n in names}
+                # Ray Train starting the workers, then the training function up to its first
+                # step: the share elastic_ft's own code decides
+                summary[f"{system}/{event}"]["median_ray_worker_start_s"] = statistics.median(
+                    _span(t, "new_group_scheduling", "new_workers_started") for t in timelines)
+                summary[f"{system}/{event}"]["median_train_fn_to_first_step_s"] = (
+                    statistics.median(_span(t, "train_fn_entered", "first_step")
+                                      for t in timelines))
     from elastic_ft.bench.hardware import hardware_record
     from elastic_ft.bench.report import save_benchmark
     from elastic_ft.resources.node_health import SYSTEM_CONFIG
