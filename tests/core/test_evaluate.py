@@ -37,7 +37,9 @@ def test_eval_slots_cover_each_block_once_in_lockstep(n_blocks, world, micro) ->
 
 
 def _eval_table(tmp: Path):
-    return random_blocks(tmp / "eval", 30, seed=5).table
+    from elastic_ft.data.prepared import PreparedData
+
+    return PreparedData.open(tmp / "eval").table
 
 
 def _rank(rank: int, world: int, micro: int, port: int, tiny_assets: str, tmp: str) -> None:
@@ -71,6 +73,7 @@ def test_eval_loss_is_the_same_at_any_world_size_and_equals_hugging_face(
 
     from elastic_ft.core.ports import free_port
 
+    random_blocks(tmp_path / "eval", 30, seed=5)  # once: two ranks writing it would race
     for world, micro in ((2, 3), (1, 2)):
         spawn_ranks(_rank, world, world, micro, free_port(), str(tiny_assets), str(tmp_path))
     two, one = (json.loads((tmp_path / f"eval_{w}.json").read_text()) for w in (2, 1))
