@@ -294,14 +294,14 @@ def main() -> None:
         for system in systems:
             trial_dir = work / f"trial{i}"
             trial_dir.mkdir(exist_ok=True)
-            root = checkouts[system]
-            (trial_dir / system.replace("@", "_")).mkdir(exist_ok=True)
+            root, kind = checkouts[system], system.split("@")[0]  # plain / elastic_ft
+            run_dir = trial_dir / system.replace("@", "_")
+            run_dir.mkdir(exist_ok=True)
             done = subprocess.run(
                 [sys.executable, str(root / "benchmarks" / "elastic_recovery.py"), "--single",
-                 system.split("@")[0], str(model), str(trial_dir / system.replace("@", "_")),
-                 "--health-check", args.health_check],
+                 kind, str(model), str(run_dir), "--health-check", args.health_check],
                 timeout=900, env={**os.environ, "PYTHONPATH": str(root)})
-            out = trial_dir / system.replace("@", "_") / f"{system.split('@')[0]}.json"
+            out = run_dir / f"{kind}.json"
             if not out.exists():
                 raise RuntimeError(f"{system} trial {i} failed (exit {done.returncode})")
             for row in json.loads(out.read_text()):
