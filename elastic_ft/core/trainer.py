@@ -123,7 +123,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     from elastic_ft.resources.replan_restart import ElasticTorchTrainer
     from elastic_ft.resources.restart_gate import (
         CheckpointBeforeResize,
-        RefreshBeforeRestart,
+        RefreshBeforeSizing,
         start_drain_aware_coordinator,
     )
 
@@ -197,11 +197,11 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         ray.get(controller.set_caps.remote(caps))
         num_workers: int | tuple[int, int] = (
             (cfg.workers.min, cfg.workers.max) if elastic else cfg.workers.min)
-        # a grow's restart waits for the workers' just-in-time checkpoint, and a restart after
-        # a failure sizes the new group from fresh reservations (restart_gate.py)
+        # a grow's restart waits for the workers' just-in-time checkpoint; the first group and
+        # a restart after a failure are sized from fresh reservations (restart_gate.py)
         gate: list[Any] = ([CheckpointBeforeResize(controller, cfg.elastic.jit_checkpoint_timeout_s)]
                            if elastic and cfg.elastic.jit_checkpoint_on_join else [])
-        gate += [RefreshBeforeRestart()] if elastic else []
+        gate += [RefreshBeforeSizing()] if elastic else []
         gate.append(RecoveryClock(controller))  # each restart's phases (`recovery` events)
         # a memory re-plan or rebalance restart is not counted as a failure
         trainer = ElasticTorchTrainer(

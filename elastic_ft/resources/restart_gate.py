@@ -13,13 +13,18 @@ cluster:
   its decision to resize a live group and the shutdown of that group, and waits there until
   our controller reports the workers' just-in-time checkpoint uploaded by every rank.
 
-A restart after a node went or is going sizes the new group from the same reservations, and two
-more gaps showed on the fake-node cluster, each costing a placement attempt that waits out
-`workers.start_timeout_s` (`benchmarks/elastic_recovery.py` timelines):
+The first group and every restart are sized from the same reservations, and three more gaps
+showed on the fake-node cluster:
+- the coordinator is detached and outlives a run: a run started on a cluster whose nodes changed
+  since its last tick got a group sized from the old view (a CI run started 1 worker beside 2
+  free nodes; most likely the tick fell between the two nodes' joins, 1 s apart), and would
+  grow only after the next tick and a restart. `RefreshBeforeSizing` has it look again when Ray Train's controller starts, after
+  Ray Train's request and before its first decision;
 - after a hard loss the coordinator still counted the dead node until its next tick, and Ray
-  Train often restarts before the GCS has even declared the node dead: `RefreshBeforeRestart`
-  waits for the GCS to declare a node of the old group dead whose raylet no longer answers,
-  then has the coordinator recompute, before Ray Train's decision;
+  Train often restarts before the GCS has even declared the node dead (a placement attempt
+  that waits out `workers.start_timeout_s`, `benchmarks/elastic_recovery.py` timelines):
+  `RefreshBeforeSizing` waits for the GCS to declare a node of the old group dead whose raylet
+  no longer answers, then has the coordinator recompute, before Ray Train's decision;
 - a draining node is alive, so the coordinator counts it, while Ray places nothing new there:
   `start_drain_aware_coordinator` starts Ray's coordinator first, seeing draining nodes as gone.
 """
@@ -81,8 +86,13 @@ class CheckpointBeforeResize(ControllerCallback):
             logger.warning("elastic_ft: resizing without a just-in-time checkpoint: %r", error)
 
 
-class RefreshBeforeRestart(ControllerCallback, WorkerGroupCallback):
-    """Ray Train is about to size a new group after a failure: have the coordinator look first.
+class RefreshBeforeSizing(ControllerCallback, WorkerGroupCallback):
+    """Ray Train is about to size a group, the first or one after a failure: have the
+    coordinator look at the cluster first.
+
+    At the start, Ray Train's scaling policy (the first controller callback) has just sent its
+    request, which the coordinator placed on its last tick's view of the nodes; this hook runs
+    after it and before the controller's first decision, which reads the reservations afresh.
 
     When a node is killed, the surviving ranks fail at once (their collective's peer is gone),
     while the GCS declares the node dead only after its health checks (about 3 s,
@@ -96,6 +106,9 @@ class RefreshBeforeRestart(ControllerCallback, WorkerGroupCallback):
     def __init__(self, death_wait_s: float = DEATH_WAIT_S, probe_timeout_s: float = 1.0) -> None:
         self.death_wait_s, self.probe_timeout_s = death_wait_s, probe_timeout_s
         self.group_nodes: set[str] = set()
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        refresh_ray_reservations()  # never raises: a missing coordinator costs speed only
 
     def after_worker_group_start(self, worker_group: Any) -> None:
         self.group_nodes = {w.metadata.node_id for w in worker_group.get_workers()}

@@ -24,7 +24,7 @@ from elastic_ft.events import read_events
 from elastic_ft.resources.reservations import refresh_ray_reservations, without_draining
 from elastic_ft.resources.restart_gate import (
     CheckpointBeforeResize,
-    RefreshBeforeRestart,
+    RefreshBeforeSizing,
     start_drain_aware_coordinator,
     unreachable_nodes,
 )
@@ -146,7 +146,7 @@ def test_drain_aware_coordinator_starts_unless_a_plain_one_runs(ray_local):
 
 
 def test_restart_hook_refreshes_and_outwaits_rays_cached_reservations(ray_local) -> None:
-    hook = RefreshBeforeRestart()
+    hook = RefreshBeforeSizing()
     t0 = time.monotonic()
     hook.after_controller_state_update(RunningState(), RunningState())
     hook.after_controller_state_update(
@@ -180,3 +180,45 @@ def test_a_node_of_the_group_whose_raylet_refuses_is_waited_for() -> None:
         assert unreachable_nodes({"up", "killed", "declared", "unknown"}, nodes, 0.5) == {
             "killed"}
         assert unreachable_nodes(set(), nodes, 0.5) == set()
+
+
+def test_the_first_group_is_sized_from_the_cluster_as_it_is_now(ray_local) -> None:
+    """Ray Train's scaling policy sends its request at controller start, and the coordinator
+    places it on its last tick's view of the nodes; a node that joined since would be missed
+    until the next tick (20 s) and a restart. The hook has the coordinator look again."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        _AutoscalingCoordinatorActor,
+    )
+
+    from elastic_ft.resources.reservations import COORDINATOR_NAME
+
+    class ListedNodesCoordinator(_AutoscalingCoordinatorActor):
+        """Ray's coordinator, seeing this node and the nodes the test lists as joined."""
+
+        TICK_INTERVAL_S = 3600  # only a recompute looks at the cluster during the test
+
+        def __init__(self) -> None:
+            self.joined: list[dict] = []
+            super().__init__(get_cluster_nodes=lambda: ray_local.nodes() + self.joined)
+
+        def join(self, node_id: str) -> None:
+            self.joined.append({"NodeID": node_id, "Alive": True, "Labels": {},
+                                "Resources": {"CPU": 1.0, "trainer": 1.0}})
+
+    try:  # an earlier test's coordinator would answer instead
+        ray_local.kill(ray_local.get_actor(COORDINATOR_NAME, namespace=COORDINATOR_NAME))
+    except ValueError:
+        pass
+    coordinator = ray_local.remote(ListedNodesCoordinator).options(
+        name=COORDINATOR_NAME, namespace=COORDINATOR_NAME).remote()
+    try:
+        ray_local.get(coordinator.request_resources.remote(
+            requester_id="train-run", resources=[{"trainer": 1}] * 2, expire_after_s=60))
+        reserved = coordinator.get_reserved_resources.remote
+        assert ray_local.get(reserved("train-run")) == {}  # this node has no "trainer"
+        ray_local.get(coordinator.join.remote("joined"))
+        assert ray_local.get(reserved("train-run")) == {}  # the view of the last look
+        RefreshBeforeSizing().after_controller_start(None)
+        assert ray_local.get(reserved("train-run")) == {"joined": {"trainer": 1}}
+    finally:
+        ray_local.kill(coordinator)
