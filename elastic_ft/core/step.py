@@ -3,7 +3,13 @@ optimizer step, with the timing the controller balances on and the documented fa
 
 Fault injection (off unless set; per node, e.g. `FakeNodeCluster.add_node(env_vars=...)`):
 - `ELASTIC_FT_FAULT_SLOWDOWN=F` stretches this rank's forward and backward to F times their
-  compute (a sleep of (F-1) x each), standing in for a slower GPU.
+  compute (a sleep of (F-1) x each), standing in for a slower GPU. The backward's sleep comes
+  before the backward, sized from this rank's last backward: a slower device's backward ends,
+  and its gradient reduction starts, that much later. Slept after the backward (as at first),
+  it followed the reduction the other ranks wait in, and they waited for it again in the
+  optimizer step's collective, so it sat on every step's path whatever the split (py-spy of a
+  2x-slowed rank: 28% of its step waiting in the backward's all-reduce, the other rank 17% in
+  the optimizer step's).
 - `ELASTIC_FT_FAULT_OOM_MICRO_BATCH_OVER=N` raises `torch.OutOfMemoryError` in the phase
   `ELASTIC_FT_FAULT_OOM_PHASE` (forward | backward | optimizer_step, default optimizer_step)
   whenever this rank trains a micro-batch larger than N: a device too small for the plan,
@@ -15,17 +21,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 PHASES = ("forward", "backward", "optimizer_step")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Faults:
     slowdown: float = 1.0
     oom_over_micro_batch: int | None = None
     oom_phase: str = "optimizer_step"
+    # what the slowdown drill learned of this rank's backward: compute seconds per sample
+    backward_s_per_sample: float | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Faults:
@@ -44,6 +52,18 @@ class Faults:
             return 0.0
         time.sleep((self.slowdown - 1) * compute_s)
         return (self.slowdown - 1) * compute_s
+
+    def stretch_backward_ahead(self, micro_batch: int, forward_s: float | None) -> None:
+        """Before a backward: sleep (F-1) x its expected compute (the last backward's per
+        sample; the forward's for the first)."""
+        if self.slowdown <= 1:
+            return
+        per_sample = self.backward_s_per_sample
+        self.stretch(per_sample * micro_batch if per_sample is not None else forward_s or 0.0)
+
+    def learn_backward(self, compute_s: float | None, micro_batch: int) -> None:
+        if compute_s is not None and micro_batch > 0:
+            self.backward_s_per_sample = compute_s / micro_batch
 
     def maybe_oom(self, phase: str, micro_batch: int) -> None:
         import torch
@@ -82,17 +102,23 @@ class ComputeClock:
             return event
         return self._cpu_clock()
 
-    def stop(self, started: Any, faults: Faults) -> None:
+    def stop(self, started: Any, faults: Faults, stretch: bool = True) -> float | None:
+        """This piece's compute seconds when known now: always on a CPU, on a GPU under the
+        slowdown drill (which synchronises for it). `stretch`: the drill's sleep follows it."""
         if self.cuda:
             end = _record(self._torch)
+            compute_s = None
             if faults.slowdown > 1:  # the drill needs the compute time now: one sync
                 end.synchronize()
-                faults.stretch(started.elapsed_time(end) / 1000)
-                end = _record(self._torch)  # the sleep counts: a slower GPU's time
+                compute_s = started.elapsed_time(end) / 1000
+                if stretch:
+                    faults.stretch(compute_s)
+                    end = _record(self._torch)  # the sleep counts: a slower GPU's time
             self._events.append((started, end))
-        else:
-            compute_s = self._cpu_clock() - started
-            self._cpu_s += compute_s + faults.stretch(compute_s)
+            return compute_s
+        compute_s = self._cpu_clock() - started
+        self._cpu_s += compute_s + (faults.stretch(compute_s) if stretch else 0.0)
+        return compute_s
 
     def seconds(self) -> float:
         """Call after the step's collective: the GPU work is done by then."""
@@ -148,12 +174,13 @@ def train_step(engine: Any, slots: list[list[int]], next_micro: Callable[[list[i
             started = forward.start()
             out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                          labels=batch["labels"], use_cache=False, num_items_in_batch=items)
-            forward.stop(started, faults)
+            forward_s = forward.stop(started, faults)
             phase = "backward"
             faults.maybe_oom(phase, m)
+            faults.stretch_backward_ahead(m, forward_s)
             started = backward.start()
             engine.backward(out.loss)
-            backward.stop(started, faults)
+            faults.learn_backward(backward.stop(started, faults, stretch=False), m)
             phase = "optimizer_step"  # a no-op but at the accumulation boundary
             if engine.is_gradient_accumulation_boundary():
                 faults.maybe_oom(phase, m)

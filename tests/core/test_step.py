@@ -47,6 +47,32 @@ def test_cpu_clock_counts_this_threads_compute_and_the_drills_stretch() -> None:
     assert wall >= 0.14  # the sleep really happened
 
 
+def test_the_backwards_stretch_is_slept_before_it_from_the_last_backward() -> None:
+    """A slower device's backward ends, and its gradient reduction starts, later: the drill
+    sleeps before the backward, (F-1) x the expected compute, so that the other ranks wait for
+    it in that one reduction and not again in the optimizer step's collective."""
+    import torch
+
+    faults = Faults(slowdown=3.0)
+    t0 = time.monotonic()
+    faults.stretch_backward_ahead(4, forward_s=0.04)  # no backward yet: the forward's compute
+    assert 0.08 <= time.monotonic() - t0 < 0.3
+    clock = ComputeClock(torch.device("cpu"))
+    started = clock.start()
+    _burn(0.04)
+    t0 = time.monotonic()
+    compute_s = clock.stop(started, faults, stretch=False)  # measured, not slept after
+    assert time.monotonic() - t0 < 0.02 and compute_s == pytest.approx(0.04, rel=0.3)
+    faults.learn_backward(compute_s, 4)
+    t0 = time.monotonic()
+    faults.stretch_backward_ahead(2, forward_s=1.0)  # 2 samples at the last backward's rate
+    assert 0.035 <= time.monotonic() - t0 < 0.2
+    t0 = time.monotonic()
+    Faults().stretch_backward_ahead(4, forward_s=1.0)  # no drill: no sleep
+    assert time.monotonic() - t0 < 0.02
+    assert faults == Faults(slowdown=3.0)  # what it learned is not part of the setting
+
+
 def test_faults_from_the_environment() -> None:
     assert Faults.from_env({}) == Faults()
     faults = Faults.from_env({"ELASTIC_FT_FAULT_SLOWDOWN": "2",
