@@ -2,14 +2,17 @@
 optimizer step, with the timing the controller balances on and the documented fault injection.
 
 Fault injection (off unless set; per node, e.g. `FakeNodeCluster.add_node(env_vars=...)`):
-- `ELASTIC_FT_FAULT_SLOWDOWN=F` stretches this rank's forward and backward to F times their
-  compute (a sleep of (F-1) x each), standing in for a slower GPU. The backward's sleep comes
-  before the backward, sized from this rank's last backward: a slower device's backward ends,
-  and its gradient reduction starts, that much later. Slept after the backward (as at first),
-  it followed the reduction the other ranks wait in, and they waited for it again in the
-  optimizer step's collective, so it sat on every step's path whatever the split (py-spy of a
-  2x-slowed rank: 28% of its step waiting in the backward's all-reduce, the other rank 17% in
-  the optimizer step's).
+- `ELASTIC_FT_FAULT_SLOWDOWN=F` stretches this rank's forward and backward to F times the wall
+  time their compute took on this node (a sleep of (F-1) x each), standing in for a device F
+  times slower in the same conditions; its compute clock counts F x the compute. In wall
+  terms, because on a shared CPU contention stretches every rank's compute: a sleep of (F-1) x
+  the CPU time made a slowed rank less than F times slower than its peers. The backward's
+  sleep comes before the backward, sized from this rank's last backward: a slower device's
+  backward ends, and its gradient reduction starts, that much later. Slept after the backward
+  (as at first), it followed the reduction the other ranks wait in, and they waited for it
+  again in the optimizer step's collective, so it sat on every step's path whatever the split
+  (py-spy of a 2x-slowed rank: 28% of its step waiting in the backward's all-reduce, the
+  other rank 17% in the optimizer step's).
 - `ELASTIC_FT_FAULT_OOM_MICRO_BATCH_OVER=N` raises `torch.OutOfMemoryError` in the phase
   `ELASTIC_FT_FAULT_OOM_PHASE` (forward | backward | optimizer_step, default optimizer_step)
   whenever this rank trains a micro-batch larger than N: a device too small for the plan,
@@ -32,8 +35,10 @@ class Faults:
     slowdown: float = 1.0
     oom_over_micro_batch: int | None = None
     oom_phase: str = "optimizer_step"
-    # what the slowdown drill learned of this rank's backward: compute seconds per sample
+    # what the slowdown drill learned of this rank: its backward's compute seconds per sample,
+    # and the wall seconds per compute second of its last forward (contention on a CPU)
     backward_s_per_sample: float | None = field(default=None, compare=False, repr=False)
+    wall_per_compute: float = field(default=1.0, compare=False, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Faults:
@@ -46,20 +51,25 @@ class Faults:
                              f"ELASTIC_FT_FAULT_OOM_PHASE one of {PHASES}")
         return cls(slowdown, int(over) if over else None, phase)
 
-    def stretch(self, compute_s: float) -> float:
-        """Sleep (F-1) x `compute_s`; returns the seconds slept."""
+    def stretch(self, compute_s: float, wall_s: float | None = None) -> float:
+        """Sleep (F-1) x the wall time the compute took (`wall_s`; `compute_s` when they are
+        the same, as a GPU's); returns (F-1) x `compute_s`, what the compute clock counts."""
         if self.slowdown <= 1:
             return 0.0
-        time.sleep((self.slowdown - 1) * compute_s)
+        if wall_s is not None and compute_s > 0:
+            self.wall_per_compute = wall_s / compute_s
+        time.sleep((self.slowdown - 1) * (compute_s if wall_s is None else wall_s))
         return (self.slowdown - 1) * compute_s
 
     def stretch_backward_ahead(self, micro_batch: int, forward_s: float | None) -> None:
         """Before a backward: sleep (F-1) x its expected compute (the last backward's per
-        sample; the forward's for the first)."""
+        sample; the forward's for the first), in wall terms as the last forward ran. Not the
+        backward's own wall time: that includes the gradient reduction's wait."""
         if self.slowdown <= 1:
             return
         per_sample = self.backward_s_per_sample
-        self.stretch(per_sample * micro_batch if per_sample is not None else forward_s or 0.0)
+        expected_s = per_sample * micro_batch if per_sample is not None else forward_s or 0.0
+        time.sleep((self.slowdown - 1) * expected_s * self.wall_per_compute)
 
     def learn_backward(self, compute_s: float | None, micro_batch: int) -> None:
         if compute_s is not None and micro_batch > 0:
@@ -100,7 +110,7 @@ class ComputeClock:
             event = self._torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return self._cpu_clock()
+        return self._cpu_clock(), time.perf_counter()
 
     def stop(self, started: Any, faults: Faults, stretch: bool = True) -> float | None:
         """This piece's compute seconds when known now: always on a CPU, on a GPU under the
@@ -116,8 +126,10 @@ class ComputeClock:
                     end = _record(self._torch)  # the sleep counts: a slower GPU's time
             self._events.append((started, end))
             return compute_s
-        compute_s = self._cpu_clock() - started
-        self._cpu_s += compute_s + (faults.stretch(compute_s) if stretch else 0.0)
+        started_cpu, started_wall = started
+        compute_s = self._cpu_clock() - started_cpu
+        wall_s = time.perf_counter() - started_wall
+        self._cpu_s += compute_s + (faults.stretch(compute_s, wall_s) if stretch else 0.0)
         return compute_s
 
     def seconds(self) -> float:

@@ -73,6 +73,33 @@ def test_the_backwards_stretch_is_slept_before_it_from_the_last_backward() -> No
     assert faults == Faults(slowdown=3.0)  # what it learned is not part of the setting
 
 
+def test_the_drill_stretches_wall_time_and_the_clock_counts_compute() -> None:
+    """On a shared CPU a rank's compute takes longer in wall time than in CPU time: a device F
+    times slower would take F x that wall time, while the clock, which the balancer compares,
+    counts F x the CPU time. The backward's sleep ahead follows the forward's proportion."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    clock = ComputeClock(torch.device("cpu"))
+    torch.set_num_threads(threads)
+    faults = Faults(slowdown=2.0)
+    started = clock.start()
+    _burn(0.04)
+    time.sleep(0.04)  # the core taken by another process: wall time without compute
+    t0 = time.monotonic()
+    compute_s = clock.stop(started, faults)
+    slept_s = time.monotonic() - t0
+    assert compute_s == pytest.approx(0.04, rel=0.3)
+    assert slept_s == pytest.approx(0.08, rel=0.3)  # (F-1) x the 0.08 s of wall time
+    assert clock.seconds() == pytest.approx(0.08, rel=0.3)  # F x the compute
+    assert faults.wall_per_compute == pytest.approx(2.0, rel=0.3)
+    faults.learn_backward(0.02, 2)
+    t0 = time.monotonic()
+    faults.stretch_backward_ahead(2, forward_s=None)  # 0.02 s of compute at 2x wall
+    assert time.monotonic() - t0 == pytest.approx(0.04, rel=0.4)
+
+
 def test_faults_from_the_environment() -> None:
     assert Faults.from_env({}) == Faults()
     faults = Faults.from_env({"ELASTIC_FT_FAULT_SLOWDOWN": "2",
