@@ -2,7 +2,8 @@
 
 A fake-node cluster (head + 3 nodes of {CPU: 1, trainer: 1}, one worker per node) where one
 node is slowed by the documented fault injection `ELASTIC_FT_FAULT_SLOWDOWN` (its forward and
-backward take F times their compute). Each round runs the same job twice on the same cluster:
+backward take F times the wall time their compute took on that node, as on a device F times
+slower). Each round runs the same job twice on the same cluster:
   - even: `elastic.rebalance_threshold: null`, every rank the same share of the global batch;
   - balanced: the default 10% threshold, the controller re-splits by measured speed.
 Per run: the median tokens/s of the steady steps (after a group's first 3, and for the
