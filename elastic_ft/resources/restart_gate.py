@@ -18,8 +18,8 @@ showed on the fake-node cluster:
 - the coordinator is detached and outlives a run: a run started on a cluster whose nodes changed
   since its last tick got a group sized from the old view (a CI run started 1 worker beside 2
   free nodes; most likely the tick fell between the two nodes' joins, 1 s apart), and would
-  grow only after the next tick and a restart. `RefreshBeforeSizing` has it look again when Ray Train's controller starts, after
-  Ray Train's request and before its first decision;
+  grow only after the next tick and a restart. `RefreshBeforeSizing` has it look again when
+  Ray Train's controller starts, after Ray Train's request and before its first decision;
 - after a hard loss the coordinator still counted the dead node until its next tick, and Ray
   Train often restarts before the GCS has even declared the node dead (a placement attempt
   that waits out `workers.start_timeout_s`, `benchmarks/elastic_recovery.py` timelines):
