@@ -171,7 +171,10 @@ def train_step(engine: Any, slots: list[list[int]], next_micro: Callable[[list[i
     # micro-batch would make the host wait for the device before queueing the next one.
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     real_tokens, data_s = 0, 0.0
-    forward, backward = ComputeClock(device), ComputeClock(device)
+    forward = ComputeClock(device)
+    # the backward is timed only for the slowdown drill's sleep ahead; the balancer reads the
+    # forward's clock alone
+    backward = ComputeClock(device) if faults.slowdown > 1 else None
     items = torch.tensor(n_trainable / (world * grad_accum), device=device)
     for slot in slots:
         t0 = time.time()
@@ -190,9 +193,10 @@ def train_step(engine: Any, slots: list[list[int]], next_micro: Callable[[list[i
             phase = "backward"
             faults.maybe_oom(phase, m)
             faults.stretch_backward_ahead(m, forward_s)
-            started = backward.start()
+            started = backward.start() if backward else None
             engine.backward(out.loss)
-            faults.learn_backward(backward.stop(started, faults, stretch=False), m)
+            if backward:
+                faults.learn_backward(backward.stop(started, faults, stretch=False), m)
             phase = "optimizer_step"  # a no-op but at the accumulation boundary
             if engine.is_gradient_accumulation_boundary():
                 faults.maybe_oom(phase, m)
