@@ -21,6 +21,7 @@ from elastic_ft.core.checkpoint import (
     model_fingerprint,
     needs_universal,
 )
+from elastic_ft.core.controller_link import MetricsOutbox, RequestPoll
 from elastic_ft.core.worker_checkpoint import (
     newest_checkpoint,
     ray_train_preemption_info,
@@ -157,7 +158,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
     evaluate_if_due(resumed=True)  # an eval cut by the restart that brought this group here
     device = engine.device
-    pending_poll = controller.poll.remote() if rank == 0 else None
+    poll = RequestPoll(controller) if rank == 0 else None
+    outbox = MetricsOutbox(controller)
+    after_checkpoint = False  # the previous step took a checkpoint
     t_start, tokens_done = time.time(), 0
     last_forward_s = 0.0  # the previous step's forward compute (0: none yet)
     log_sample_ids = cfg.train.log_sample_ids
@@ -169,94 +172,96 @@ def train_worker(config: dict[str, Any]) -> None:
                                f"{micro['slot'].tolist()}, schedule says {slot}")
         return micro
 
-    while step < total_steps:
-        t_step = time.time()
-        indices, next_position = data.global_batch(position, g, cfg.train.seed, cfg.data.shuffle)
-        n_trainable = max(1, data.trainable_tokens(indices))
-        try:
-            result = train_step(engine, rank_slots(indices, plan.micro_batches, rank, a),
-                                next_micro, n_trainable, world, a, faults)
-        except StepOutOfMemory as error:
-            # Forward, backward or optimizer step: this rank's device gets a smaller cap and
-            # the group restarts from the newest checkpoint, not counted as a failure.
-            if ray.get(controller.oom.remote(rank, m, step + 1, error.phase)):
-                raise ReplanRestart("memory", str(error)) from error
-            raise
-        if sigterm.take_notice() is not None:
-            controller.preemption_notice.remote(ray.get_runtime_context().get_node_id(), {
-                "source": "sigterm", "kind": "sigterm", "deadline_s": None,
-                "detail": f"SIGTERM to rank {rank} (pid {os.getpid()}) in step {step + 1}"})
-        request = None
-        if rank == 0:
-            ready, _ = ray.wait([pending_poll], timeout=0)
-            if ready:
-                request = ray.get(pending_poll)
-                pending_poll = controller.poll.remote()
-        # One small all-gather per step carries every rank's loss, token count, peak memory
-        # and compute time, and whether rank 0 holds a controller request; the request itself
-        # is broadcast only when one exists. On the device: NCCL groups have no CPU backend.
-        # The compute time rides one step late: this step's GPU clock can be read only after
-        # this collective, which a second one per step would cost.
-        mine = torch.tensor([0.0, float(result.real_tokens), float(request is not None),
-                             float(training_mem_bytes(baseline_bytes)), last_forward_s],
-                            dtype=torch.float64, device=device)
-        mine[0] = result.loss_sum
-        gathered = [torch.zeros_like(mine) for _ in range(world)]
-        dist.all_gather(gathered, mine)
-        table = torch.stack(gathered).cpu()  # one copy to the host per step (a sync on GPU)
-        last_forward_s = result.forward.seconds()  # after the sync: its events are done
-        step += 1
-        position = next_position
-        step_loss = table[:, 0].sum().item() / (world * a)
-        step_tokens = int(table[:, 1].sum().item())
-        tokens_done += step_tokens
-        now = time.time()
-        if table[:, 2].max().item() > 0:
-            box = [request]
-            dist.broadcast_object_list(box, src=0)
-            request = box[0]
-        if request is not None and request.get("kind") == "drain":
-            info = ray_train_preemption_info()
-            if rank == 0 and info is not None:
-                controller.record.remote("preemption_info", {
-                    "step": step, "deadline_ms": info.deadline_ms,
-                    "ranks_by_node": {k: list(v) for k, v in
-                                      info.preempted_node_to_ranks.items()}})
+    try:
+        while step < total_steps:
+            t_step = time.time()
+            indices, next_position = data.global_batch(position, g, cfg.train.seed,
+                                                       cfg.data.shuffle)
+            n_trainable = max(1, data.trainable_tokens(indices))
+            try:
+                result = train_step(engine, rank_slots(indices, plan.micro_batches, rank, a),
+                                    next_micro, n_trainable, world, a, faults)
+            except StepOutOfMemory as error:
+                # Forward, backward or optimizer step: this rank's device gets a smaller cap and
+                # the group restarts from the newest checkpoint, not counted as a failure.
+                if ray.get(controller.oom.remote(rank, m, step + 1, error.phase)):
+                    raise ReplanRestart("memory", str(error)) from error
+                raise
+            if sigterm.take_notice() is not None:
+                controller.preemption_notice.remote(ray.get_runtime_context().get_node_id(), {
+                    "source": "sigterm", "kind": "sigterm", "deadline_s": None,
+                    "detail": f"SIGTERM to rank {rank} (pid {os.getpid()}) in step {step + 1}"})
+            request = poll.take() if poll is not None else None
+            # One small all-gather per step carries every rank's loss, token count, peak memory
+            # and compute time, and whether rank 0 holds a controller request; the request itself
+            # is broadcast only when one exists. On the device: NCCL groups have no CPU backend.
+            # The compute time rides one step late: this step's GPU clock can be read only after
+            # this collective, which a second one per step would cost.
+            mine = torch.tensor([0.0, float(result.real_tokens), float(request is not None),
+                                 float(training_mem_bytes(baseline_bytes)), last_forward_s],
+                                dtype=torch.float64, device=device)
+            mine[0] = result.loss_sum
+            gathered = [torch.zeros_like(mine) for _ in range(world)]
+            dist.all_gather(gathered, mine)
+            table = torch.stack(gathered).cpu()  # one copy to the host per step (a sync on GPU)
+            last_forward_s = result.forward.seconds()  # after the sync: its events are done
+            step += 1
+            position = next_position
+            step_loss = table[:, 0].sum().item() / (world * a)
+            step_tokens = int(table[:, 1].sum().item())
+            tokens_done += step_tokens
+            now = time.time()
+            if table[:, 2].max().item() > 0:
+                box = [request]
+                dist.broadcast_object_list(box, src=0)
+                request = box[0]
+            if request is not None and request.get("kind") == "drain":
+                info = ray_train_preemption_info()
+                if rank == 0 and info is not None:
+                    controller.record.remote("preemption_info", {
+                        "step": step, "deadline_ms": info.deadline_ms,
+                        "ranks_by_node": {k: list(v) for k, v in
+                                          info.preempted_node_to_ranks.items()}})
 
-        rank_mem = [int(x) for x in table[:, 3].tolist()]
-        metrics = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                   "tokens": tokens_done, "step_s": now - t_step,
-                   "data_wait_s": result.data_wait_s,
-                   "tokens_per_s": step_tokens / max(1e-9, now - t_step),
-                   "peak_mem_bytes": peak_mem_bytes(), "train_mem_bytes": max(rank_mem),
-                   "world_size": world, "epoch": position.epoch}
-        if rank == 0 and marks:  # this group's first step: its recovery timeline is whole
-            controller.group_ready.remote(marks, now, world, step)
-            marks = {}
-        if rank == 0:
-            controller.metrics.remote(dict(
-                metrics, t=now, trained_real_tokens=step_tokens, rank_mem_bytes=rank_mem,
-                rank_forward_s=[round(x, 6) for x in table[:, 4].tolist()],
-                sample_ids=data.sample_ids(indices) if log_sample_ids else None))
-
-        periodic = step % cfg.checkpoint.every_steps == 0 or step == total_steps
-        if periodic or request is not None:
-            if rank == 0 and request is not None:
-                controller.record.remote("jit_checkpoint_started", {
-                    "step": step, "reason": request["kind"]})
-            # A just-in-time checkpoint must be in storage before the group restarts: sync.
-            sync = request is not None or cfg.checkpoint.upload == "sync"
-            save_and_report(engine, cfg, metrics, step, position, world, rank, plan_dict,
-                            controller, sync,
-                            jit_kind=request["kind"] if request is not None else None)
-            if request is not None and request.get("restart") and step < total_steps:
-                wait_for_restart(cfg, request)
-        # after the checkpoint: a restart that follows it (just-in-time) leaves this step's
-        # eval to the new group; one that never came (wait over) lets it run here
-        evaluate_if_due()
-        # No ray.train.report() on other steps: in Ray Train V2 every report is a barrier
-        # across workers that costs ~2 s of polling (measured: 0.04 s steps took 2 s).
-        # Metrics go to the controller instead.
+            rank_mem = [int(x) for x in table[:, 3].tolist()]
+            metrics = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                       "tokens": tokens_done, "step_s": now - t_step,
+                       "data_wait_s": result.data_wait_s,
+                       "tokens_per_s": step_tokens / max(1e-9, now - t_step),
+                       "peak_mem_bytes": peak_mem_bytes(), "train_mem_bytes": max(rank_mem),
+                       "world_size": world, "epoch": position.epoch}
+            if rank == 0 and marks:  # this group's first step: its recovery timeline is whole
+                controller.group_ready.remote(marks, now, world, step)
+                marks = {}
+            periodic = step % cfg.checkpoint.every_steps == 0 or step == total_steps
+            if rank == 0:
+                outbox.add(dict(
+                    metrics, t=now, trained_real_tokens=step_tokens, rank_mem_bytes=rank_mem,
+                    rank_forward_s=[round(x, 6) for x in table[:, 4].tolist()],
+                    sample_ids=data.sample_ids(indices) if log_sample_ids else None),
+                    now, send_now=periodic or after_checkpoint or request is not None)
+            after_checkpoint = periodic or request is not None
+            if periodic or request is not None:
+                if rank == 0 and request is not None:
+                    controller.record.remote("jit_checkpoint_started", {
+                        "step": step, "reason": request["kind"]})
+                # A just-in-time checkpoint must be in storage before the group restarts: sync.
+                sync = request is not None or cfg.checkpoint.upload == "sync"
+                save_and_report(engine, cfg, metrics, step, position, world, rank, plan_dict,
+                                controller, sync,
+                                jit_kind=request["kind"] if request is not None else None)
+                if request is not None and request.get("restart") and step < total_steps:
+                    wait_for_restart(cfg, request)
+                if poll is not None:
+                    poll.rearm()
+            # after the checkpoint: a restart that follows it (just-in-time) leaves this step's
+            # eval to the new group; one that never came (wait over) lets it run here
+            evaluate_if_due()
+            # No ray.train.report() on other steps: in Ray Train V2 every report is a barrier
+            # across workers that costs ~2 s of polling (measured: 0.04 s steps took 2 s).
+            # Metrics go to the controller instead.
+    finally:
+        outbox.flush()  # also when a step fails: the rows of its group's last steps count
 
     micro_batches.close()
     all_peaks = [0] * world

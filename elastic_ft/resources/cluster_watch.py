@@ -24,6 +24,12 @@ class ClusterWatch:
     world_size: int | None
     pending: dict[str, Any] | None
     _lock: threading.Lock
+    _requested: threading.Condition  # on _lock; the workers' poll waits on it
+
+    def _request(self, request: dict[str, Any]) -> None:
+        """Hold the lock: `request` is what the workers' next (or waiting) poll answers."""
+        self.pending = request
+        self._requested.notify_all()
 
     def node_sample(self, sample: dict[str, Any]) -> None:
         node_id = sample["node_id"]
@@ -63,7 +69,7 @@ class ClusterWatch:
     def request_checkpoint(self, kind: str, restart: bool, reason: str) -> None:
         with self._lock:
             if self.pending is None:
-                self.pending = {"kind": kind, "restart": restart, "reason": reason}
+                self._request({"kind": kind, "restart": restart, "reason": reason})
         self.events.emit("jit_checkpoint_requested", kind=kind, reason=reason)
 
     def _placeable_workers(self) -> int:

@@ -2,8 +2,10 @@
 
 It moves messages only; the decisions are pure (`policy.py`, `planning.py`) and the per-device
 bookkeeping is `fleet.Fleet`. Workers call `plan()` on every (re)start with where each rank
-runs, `poll()` once per step (non-blocking on their side), `metrics()` after each step with
-every rank's peak memory and compute time, `uploaded()` when a rank's checkpoint is in storage.
+runs, keep one `poll()` outstanding (it answers when a request is made, so a step costs no
+call), send `metrics()` with every rank's peak memory and compute time of each step (rank 0
+groups the steps of up to half a second in one call), and call `uploaded()` when a rank's
+checkpoint is in storage.
 A background thread watches nodes (joins, losses, drains) and keeps one `ResourceMonitor` on
 each node, whose samples are the node inventory the plans are made from: a drain raises a
 just-in-time checkpoint request; a join has Ray re-read the cluster at once, and Ray Train's
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,6 @@ class ElasticController(ClusterWatch):
         self.jit_done = threading.Event()
         self.refreshed_for: tuple[int, int] | None = None
         self.schedule: dict[str, Any] | None = None  # the group's data start (data/shards.py)
-        self.history: deque[dict[str, Any]] = deque(maxlen=200)
         self.nodes: set[str] = set()
         self.joined: set[str] = set()  # nodes that joined after the start: node_join pending
         self.draining: dict[str, int] = {}
@@ -82,6 +82,7 @@ class ElasticController(ClusterWatch):
         self.clock_marks: list[tuple[str, float]] = []  # Ray Train's side (RecoveryClock)
         self.previous_first_step_t: float | None = None
         self._lock = threading.Lock()
+        self._requested = threading.Condition(self._lock)  # notified when `pending` is set
         self._stop = threading.Event()
         if start_monitors:
             self._watch_nodes(initial=True)
@@ -127,9 +128,11 @@ class ElasticController(ClusterWatch):
     def data_schedule(self) -> dict[str, Any] | None:
         return self.schedule
 
-    def poll(self) -> dict[str, Any] | None:
-        """A pending request for the workers: checkpoint now, and whether a restart follows."""
-        with self._lock:
+    def poll(self, wait_s: float = 0.0) -> dict[str, Any] | None:
+        """A pending request for the workers (checkpoint now, and whether a restart follows),
+        at once when there is one, else the first made within `wait_s` (None after it)."""
+        with self._requested:
+            self._requested.wait_for(lambda: self.pending is not None, timeout=wait_s)
             return self.pending
 
     def uploaded(self, step: int, rank: int, world_size: int, jit_kind: str | None,
@@ -162,8 +165,8 @@ class ElasticController(ClusterWatch):
                 return {"checkpoint": False, "trained_step": trained, "saved_step": saved}
             self.jit_done.clear()
             if self.pending is None:
-                self.pending = {"kind": "resize", "restart": True,
-                                "reason": f"Ray Train resizes the group {world} -> {to_workers}"}
+                self._request({"kind": "resize", "restart": True,
+                               "reason": f"Ray Train resizes the group {world} -> {to_workers}"})
             pending = dict(self.pending)
         self.events.emit("jit_checkpoint_requested", kind=pending["kind"],
                          reason=pending["reason"])
@@ -183,10 +186,14 @@ class ElasticController(ClusterWatch):
             self.world_size = None
         self.events.emit(event, **fields)
 
-    def metrics(self, record: dict[str, Any]) -> None:
+    def metrics(self, *records: dict[str, Any]) -> None:
+        """Step records in step order (rank 0 sends those of up to half a second together)."""
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.history.append(record)
+            f.writelines(json.dumps(record) + "\n" for record in records)
+        for record in records:
+            self._observe(record)
+
+    def _observe(self, record: dict[str, Any]) -> None:
         self.trained_step = int(record["step"])
         with self._lock:
             if self.pending is not None:  # one request at a time; the group restarts anyway
@@ -201,7 +208,7 @@ class ElasticController(ClusterWatch):
             if replan is None:
                 return
             self.rebalances_left -= replan.kind == "rebalance"
-            self.pending = {"kind": replan.kind, "restart": True, "reason": replan.reason}
+            self._request({"kind": replan.kind, "restart": True, "reason": replan.reason})
             self.replan_t = time.time()
         name = "replan_memory" if replan.kind == "memory" else "rebalance"
         self.events.emit(name, step=self.trained_step, reason=replan.reason, **replan.event)
