@@ -98,8 +98,11 @@ class ClusterWatch:
         self.nodes = alive
         draining = dict(ray._private.state.state.get_draining_nodes())
         for node_id, deadline_ms in draining.items():
-            if node_id not in self.draining:
+            # once per node, when Ray first reports it: a node noticed by a cloud or SIGTERM is
+            # in self.draining from the notice on, before Ray reports the drain it was asked
+            if node_id not in self.ray_draining:
                 self.events.emit("node_draining", node_id=node_id, deadline_ms=deadline_ms)
+        self.ray_draining = set(draining)
         self.draining = {**draining, **{n: d for n, d in self.noticed.items() if n in alive}}
         if (initial or self.world_size is None or self.pending
                 or time.time() < self.resize_hold_until):

@@ -77,7 +77,8 @@ class ElasticController(ClusterWatch):
         self.schedule: dict[str, Any] | None = None  # the group's data start (data/shards.py)
         self.nodes: set[str] = set()
         self.joined: set[str] = set()  # nodes that joined after the start: node_join pending
-        self.draining: dict[str, int] = {}
+        self.draining: dict[str, int] = {}  # node -> deadline (ms): Ray's drains and notices
+        self.ray_draining: set[str] = set()  # the nodes Ray reported draining at the last look
         self.monitors: dict[str, Any] = {}
         self.clock_marks: list[tuple[str, float]] = []  # Ray Train's side (RecoveryClock)
         self.previous_first_step_t: float | None = None

@@ -118,6 +118,11 @@ def _notice_then_node_goes(cluster, tiny_assets: Path, out: Path, node, notify, 
     notify(run)
     run.wait_until(lambda r: len(_of(r.events(), "jit_checkpoint")) > before, 60,
                    f"just-in-time checkpoint after the {what}")
+    # a noticed node goes at its deadline, seconds later; the checkpoint comes within a step
+    # of the notice, which can be before Ray reports the drain the notice asked of it
+    run.wait_until(lambda r: node.node_id in {e["node_id"] for e in _of(r.events(),
+                                                                         "node_draining")},
+                   30, "Ray reports the node draining")
     cluster.remove_node(node)
     summary = run.join(300)
     cluster.add_node()
