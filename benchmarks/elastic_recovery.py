@@ -1,7 +1,8 @@
 """Recovery after node loss / join: elastic_ft against plain Ray Train V2 elastic, side by side.
 
-On a fake-node cluster (head + 2 nodes of {CPU: 1, trainer: 1}, one worker per node), each
-trial runs one job per system through the same three events:
+On a fake-node cluster (head + 2 nodes of {CPU: 2, trainer: 1}, one worker per node), each
+trial runs one job per system through the same three events, each SETTLE_S (30 s) after the
+run trained its steps at the size before:
   1. drain: the node gets Ray's preemption drain notice, and is removed 5 s later (or as soon
      as elastic_ft's just-in-time checkpoint is done);
   2. join: the node comes back;
@@ -15,7 +16,8 @@ The head declares a lost node dead as the shipped cluster configs do
 (`elastic_ft/resources/node_health.py`: ~3 s for a killed raylet); `--health-check ray-defaults`
 keeps Ray's defaults (15 s and more), the "before" of that setting.
 
-    python benchmarks/elastic_recovery.py --trials 3 [--systems plain,elastic_ft]
+    python benchmarks/elastic_recovery.py --trials 3 [--systems plain,elastic_ft,elastic_ft_cold]
+        # elastic_ft_cold: elastic_ft with workers.warm_spares false
         [--health-check training|ray-defaults]
     python benchmarks/elastic_recovery.py --detection 3   # node death detection alone
     python benchmarks/elastic_recovery.py --trials 3 --systems elastic_ft --against ../old
@@ -50,6 +52,10 @@ OUR_ENV = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_TRAIN_HEALTH_CHECK_INT
            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S")
 CHECKPOINT_EVERY = 10
 RESIZE_INTERVAL_S = 2.0
+# each event comes this long after the run trained its steps at the current size (spot
+# notices come minutes apart): elastic_ft's warm spares for the next restart warm meanwhile,
+# on these 2 cores beside the training (warm_pool.py)
+SETTLE_S = 30.0
 
 
 def plain_train_fn(config: dict[str, Any]) -> None:
@@ -108,8 +114,8 @@ class Job:
             for name in OUR_ENV:
                 os.environ.pop(name, None)
             target = self._plain(model, max_steps)
-        else:
-            target = self._elastic_ft(model, max_steps)
+        else:  # elastic_ft_cold: the same without warm spares (the before of them)
+            target = self._elastic_ft(model, max_steps, warm=system != "elastic_ft_cold")
 
         def run() -> None:
             try:
@@ -134,7 +140,7 @@ class Job:
                                  failure_config=FailureConfig(max_failures=5)))
         return trainer.fit
 
-    def _elastic_ft(self, model: Path, max_steps: int):
+    def _elastic_ft(self, model: Path, max_steps: int, warm: bool):
         from elastic_ft.config import load_config
         from elastic_ft.core.trainer import run_training
 
@@ -144,7 +150,8 @@ class Job:
             "workers.min": 1, "workers.max": 2, "workers.resources_per_worker": WORKER_RESOURCES,
             "workers.resize_interval_s": RESIZE_INTERVAL_S, "workers.max_failures": 5,
             "workers.start_timeout_s": 10, "train.max_steps": max_steps,
-            "checkpoint.every_steps": CHECKPOINT_EVERY, "elastic.monitor_interval_s": 0.5})
+            "checkpoint.every_steps": CHECKPOINT_EVERY, "elastic.monitor_interval_s": 0.5,
+            "workers.warm_spares": warm})
         return lambda: run_training(cfg, export=False)
 
     def metrics(self) -> list[dict[str, Any]]:
@@ -197,6 +204,7 @@ def trial(system: str, model: Path, work: Path, health_check: str) -> list[dict[
     try:
         job = Job(system, model, work / system, max_steps=100_000)
         job.wait_steps_at(2, 0, CHECKPOINT_EVERY + 5, timeout_s=240)
+        time.sleep(SETTLE_S)
         results = []
         node = cluster.nodes[-1]
         t = time.time()
@@ -207,10 +215,12 @@ def trial(system: str, model: Path, work: Path, health_check: str) -> list[dict[
         cluster.remove_node(node)
         results.append(_event(job, "drain_then_loss", t_loss, 1))
         job.wait_steps_at(1, t_loss, 5, timeout_s=120)
+        time.sleep(SETTLE_S)
         t = time.time()
         cluster.add_node()
         results.append(_event(job, "join", t, 2))
         job.wait_steps_at(2, t, CHECKPOINT_EVERY + 5, timeout_s=120)
+        time.sleep(SETTLE_S)
         t = time.time()
         cluster.remove_node(hard=True)
         results.append(_event(job, "hard_loss", t, 1))

@@ -131,6 +131,9 @@ class WorkersConfig(_Section):
     start_timeout_s: float = Field(
         default=20.0, gt=0, description="worker-group start timeout; Ray's default is 60 s"
     )
+    warm_spares: bool | None = Field(default=None, description=(
+        "keep an idle worker process per rank slot on each node, with a rank's imports done, "
+        "for the next group to start in (resources/warm_pool.py); None: on when min < max"))
 
     @model_validator(mode="after")
     def _range(self) -> WorkersConfig:

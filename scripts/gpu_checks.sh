@@ -46,7 +46,8 @@ python3 -c "import torch, ray, deepspeed, transformers, peft; print('torch', tor
 
 for s in $STEPS; do case $s in
   pytest) step pytest 240 python3 -m pytest -q -x -p no:cacheprovider \
-            tests/resources/test_monitor.py tests/core/test_memory.py ;;
+            tests/resources/test_monitor.py tests/core/test_memory.py \
+            tests/resources/test_warm_pool.py ;;
   train)  step train 240 $EFT train configs/medium-lora-gpu.yaml --no-export \
             --set output_dir=runs/gpu-train; summarise runs/gpu-train ;;
   oom)    # the planner sees 80 GB, the worker really has 6 GiB: micro 16 OOMs for real

@@ -60,7 +60,10 @@ def train_worker(config: dict[str, Any]) -> None:
     from elastic_ft.resources import sigterm
     from elastic_ft.resources.planning import WorkerPlan
     from elastic_ft.resources.replan_restart import ReplanRestart
+    from elastic_ft.resources.worker_setup import adopt_actor_threads, check_cuda_untouched
 
+    check_cuda_untouched()
+    adopt_actor_threads()
     marks["imported"] = time.time()
     sigterm.arm()  # from here a first SIGTERM means "checkpoint now", not "exit now"
     cfg = RunConfig.model_validate(config["run"])

@@ -32,14 +32,14 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     """
     import ray
 
-    from elastic_ft.resources import sigterm
+    from elastic_ft.resources import worker_setup
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=sigterm.RUNTIME_ENV)
+        ray.init(address=address, log_to_driver=True, runtime_env=worker_setup.RUNTIME_ENV)
     else:
         # ELASTIC_FT_DASHBOARD=0: no dashboard (an image without ray[default]'s packages)
         start_local_ray(num_cpus, os.environ.get("ELASTIC_FT_DASHBOARD", "1") != "0", True)
@@ -63,7 +63,7 @@ def start_local_ray(num_cpus: int | None, include_dashboard: bool, log_to_driver
     import ray
 
     from elastic_ft.core.ports import free_port
-    from elastic_ft.resources import sigterm
+    from elastic_ft.resources import worker_setup
 
     port = free_port()
     previous = os.environ.get(API_SERVER_ENV)
@@ -71,7 +71,7 @@ def start_local_ray(num_cpus: int | None, include_dashboard: bool, log_to_driver
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
                  dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=log_to_driver,
-                 runtime_env=sigterm.RUNTIME_ENV)
+                 runtime_env=worker_setup.RUNTIME_ENV)
     finally:
         if previous is None:
             os.environ.pop(API_SERVER_ENV, None)
@@ -126,6 +126,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         RefreshBeforeSizing,
         start_drain_aware_coordinator,
     )
+    from elastic_ft.resources.warm_pool import model_type_of, warm_env_vars, warm_modules
 
     t0 = time.time()
     check_trackers(cfg.logging.trackers)  # a missing package fails before any compute
@@ -171,8 +172,9 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
                       cfg.elastic.rebalance_window_steps, total_steps,
                       cfg.elastic.restart_estimate_s,
                       max_grad_accum=MAX_GRAD_ACCUM if cfg.optim.name == "lomo" else None)
+        controller_name = f"{CONTROLLER_NAME}_{os.getpid()}_{int(t0)}"
         controller = ray.remote(ElasticController).options(
-            name=f"{CONTROLLER_NAME}_{os.getpid()}_{int(t0)}", num_cpus=0, max_concurrency=16,
+            name=controller_name, num_cpus=0, max_concurrency=16,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         ).remote(str(out), fleet, cfg.workers.min, cfg.workers.max,
                  resources, cfg.elastic.monitor_interval_s, 8,
@@ -195,6 +197,8 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
         else:
             caps = resolve_caps(cfg, use_gpu, {}, events)
         ray.get(controller.set_caps.remote(caps))
+        warm = elastic if cfg.workers.warm_spares is None else cfg.workers.warm_spares
+        ray.get(controller.set_warm_spares.remote(controller_name if warm else None))
         num_workers: int | tuple[int, int] = (
             (cfg.workers.min, cfg.workers.max) if elastic else cfg.workers.min)
         # a grow's restart waits for the workers' just-in-time checkpoint; the first group and
@@ -223,6 +227,10 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
                 # keep-N is ours (prune_checkpoints): Ray's would delete the older valid
                 # checkpoints even when the newest one has since been corrupted
                 checkpoint_config=CheckpointConfig(num_to_keep=None), callbacks=gate,
+                worker_runtime_env={"env_vars": warm_env_vars(
+                    controller_name, ray.get_runtime_context().namespace,
+                    "cuda" if use_gpu else "cpu",
+                    warm_modules(model_type_of(cfg.model.name_or_path)))} if warm else {},
                 logging_config=LoggingConfig(log_level="WARNING")),
         )
         trackers = open_trackers(cfg, out)

@@ -53,4 +53,7 @@ def rank_place() -> dict[str, Any]:
     return {"node_id": ctx.get_node_id(), "gpu_ids": list(ctx.get_accelerator_ids().get(
         "GPU", [])), "cuda_total_bytes": cuda_total, "pid": os.getpid(),
         "node_mem_bytes": int(psutil.virtual_memory().total),
-        "budget_override_bytes": int(override) if override else None}
+        "budget_override_bytes": int(override) if override else None,
+        # the controller starts warm spares with this exact environment (warm_pool.py)
+        "runtime_env": ctx.get_runtime_env_string(),
+        "process_started_t": psutil.Process().create_time()}

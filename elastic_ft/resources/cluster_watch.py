@@ -25,6 +25,8 @@ class ClusterWatch:
     pending: dict[str, Any] | None
     _lock: threading.Lock
     _requested: threading.Condition  # on _lock; the workers' poll waits on it
+    _top_up_spares_soon: Any  # warm_pool.SpareKeeper's
+    _forget_spares_on: Any
 
     def _request(self, request: dict[str, Any]) -> None:
         """Hold the lock: `request` is what the workers' next (or waiting) poll answers."""
@@ -95,6 +97,9 @@ class ClusterWatch:
         for node_id in sorted(self.nodes - alive):
             self.events.emit("node_lost", node_id=node_id)
             self.monitors.pop(node_id, None)
+            self._forget_spares_on(node_id)
+        if not initial and alive - self.nodes:
+            self._top_up_spares_soon()  # a joined node gets its spares before the grow
         self.nodes = alive
         draining = dict(ray._private.state.state.get_draining_nodes())
         for node_id, deadline_ms in draining.items():

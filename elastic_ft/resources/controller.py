@@ -27,12 +27,13 @@ from elastic_ft.resources.cluster_watch import ClusterWatch
 from elastic_ft.resources.fleet import Fleet
 from elastic_ft.resources.inventory import RankPlace
 from elastic_ft.resources.recovery import EVENT_MARKS, recovery_timeline, trigger_of
+from elastic_ft.resources.warm_pool import SpareKeeper
 
 CONTROLLER_NAME = "elastic_ft_controller"
 NAMESPACE = "elastic_ft"
 
 
-class ElasticController(ClusterWatch):
+class ElasticController(ClusterWatch, SpareKeeper):
     def __init__(self, output_dir: str, fleet: Fleet,
                  min_workers: int, max_workers: int, resources_per_worker: dict[str, float],
                  monitor_interval_s: float = 1.0, max_rebalances: int = 8,
@@ -82,6 +83,7 @@ class ElasticController(ClusterWatch):
         self.monitors: dict[str, Any] = {}
         self.clock_marks: list[tuple[str, float]] = []  # Ray Train's side (RecoveryClock)
         self.previous_first_step_t: float | None = None
+        self.warm_ranks = 0  # ranks of the current group that started in a warm spare
         self._lock = threading.Lock()
         self._requested = threading.Condition(self._lock)  # notified when `pending` is set
         self._stop = threading.Event()
@@ -111,6 +113,8 @@ class ElasticController(ClusterWatch):
             self.uploads.clear()  # an old group's partial uploads must not count for this one
             self.current_plan = dict(plan.to_dict(),
                                      ranks=[d.to_dict() for d in self.fleet.ranks])
+        scheduled = [t for name, t in self.clock_marks if name == "new_group_scheduling"]
+        self.warm_ranks = self._claim_spares(places, max(scheduled) if scheduled else None)
         for event in capped:
             self.events.emit(event.pop("event"), **event)
         if missed is not None and missed.get("kind") not in ("memory", "rebalance"):
@@ -235,8 +239,10 @@ class ElasticController(ClusterWatch):
         marks += [m for m in self.clock_marks if m[1] > (since or 0)]
         marks += list(worker_marks.items())
         timeline = recovery_timeline(trigger, marks, first_step_t)
-        self.events.emit("recovery", world_size=world_size, step=step, **timeline)
+        self.events.emit("recovery", world_size=world_size, step=step,
+                         warm_ranks=self.warm_ranks, **timeline)
         self.previous_first_step_t = first_step_t
+        self._top_up_spares_soon()  # for the next restart, now that this one is done
         self.clock_marks = [m for m in self.clock_marks if m[1] > first_step_t]
 
     def evals_done(self) -> list[int]:
@@ -291,6 +297,7 @@ class ElasticController(ClusterWatch):
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._forget_spares_of_run()
         for actor in self.monitors.values():
             try:
                 actor.stop.remote()

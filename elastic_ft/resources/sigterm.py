@@ -2,21 +2,18 @@
 
 A spot node's shutdown (or a pod's termination) reaches the worker processes as SIGTERM, and
 Ray's worker main loop answers it by exiting at once, losing every step since the last
-periodic checkpoint. `install` runs as Ray's `worker_process_setup_hook`, in the worker's main
-thread just before that loop sets its handler, and wraps the setter: while the process is
-training (`arm`), the first SIGTERM is only recorded; the training loop reads it at the next
-step boundary (`take_notice`) and tells the controller, which asks for a just-in-time
-checkpoint. A second SIGTERM, or one to a process that is not training, exits the way Ray's own
-handler does.
+periodic checkpoint. `install` runs in Ray's `worker_process_setup_hook` (worker_setup.py),
+in the worker's main thread just before that loop sets its handler, and wraps the setter:
+while the process is training (`arm`), the first SIGTERM is only recorded; the training loop
+reads it at the next step boundary (`take_notice`) and tells the controller, which asks for a
+just-in-time checkpoint. A second SIGTERM, or one to a process that is not training, exits the
+way Ray's own handler does.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
-
-SETUP_HOOK = "elastic_ft.resources.sigterm.install"
-RUNTIME_ENV: dict[str, Any] = {"worker_process_setup_hook": SETUP_HOOK}
 
 _state: dict[str, Any] = {"armed": False, "received_at": None, "taken": False}
 

@@ -1,10 +1,11 @@
 """A multi-node Ray cluster on one machine, for elastic tests, chaos runs and benchmarks.
 
 `ray.cluster_utils.Cluster` starts a head plus fake worker nodes (separate raylets). Each
-fake node gets 1 CPU and one `trainer` resource, so exactly one training worker fits per node
-and removing a node removes a worker. Node loss comes in three kinds: `remove_node(hard=True)`
-(no warning), `drain_node(...)` (Ray's preemption drain with a deadline, what a cloud
-autoscaler sends) and a plain graceful removal.
+fake node gets 2 CPUs and one `trainer` resource: exactly one training worker ({CPU: 1,
+trainer: 1}) fits per node, so removing a node removes a worker, and the node has a CPU beyond
+its rank's, as a GPU node has (Ray's raylet starts a warm spare only on a free CPU). Node loss
+comes in three kinds: `remove_node(hard=True)` (no warning), `drain_node(...)` (Ray's
+preemption drain with a deadline, what a cloud autoscaler sends) and a plain graceful removal.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class FakeNodeCluster:
         import ray
         from ray.cluster_utils import Cluster
 
-        from elastic_ft.resources import node_health, sigterm
+        from elastic_ft.resources import node_health, worker_setup
 
         if ray.is_initialized():
             ray.shutdown()
@@ -40,7 +41,7 @@ class FakeNodeCluster:
         self.cluster = Cluster(initialize_head=True, head_node_args=head)
         self.nodes: list[Any] = [self.add_node() for _ in range(num_nodes)]
         ray.init(address=self.cluster.address, log_to_driver=False,
-                 runtime_env=sigterm.RUNTIME_ENV)
+                 runtime_env=worker_setup.RUNTIME_ENV)
 
     def add_node(self, env_vars: dict[str, str] | None = None,
                  labels: dict[str, str] | None = None) -> Any:
@@ -48,7 +49,7 @@ class FakeNodeCluster:
         every process of that node only (its own cloud metadata endpoint, or the documented
         fault injection: ELASTIC_FT_NODE_MEM_BUDGET_BYTES, ELASTIC_FT_FAULT_SLOWDOWN, ...);
         `labels` are its Ray node labels (ray.io/market-type, ray.io/accelerator-type)."""
-        node = self.cluster.add_node(num_cpus=1, resources={TRAINER_RESOURCE: 1},
+        node = self.cluster.add_node(num_cpus=2, resources={TRAINER_RESOURCE: 1},
                                      env_vars=env_vars, labels=labels or {})
         self.cluster.wait_for_nodes()
         if hasattr(self, "nodes"):

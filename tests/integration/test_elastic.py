@@ -1,7 +1,8 @@
 """Elastic runs on a real multi-node Ray cluster on one machine (head + fake nodes).
 
-Each fake node has {CPU: 1, trainer: 1}, so one training worker fits per node and taking a node
-away takes a worker away. These are the issue's shrink / grow / equivalence / drain tests.
+Each fake node has {CPU: 2, trainer: 1} and a rank takes {CPU: 1, trainer: 1}, so one training
+worker fits per node and taking a node away takes a worker away. These are the issue's shrink /
+grow / equivalence / drain tests.
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def test_shrink_then_grow_keeps_global_batch_and_trajectory(cluster, tiny_assets
     assert refreshed and all(r["done"] for r in refreshed)
     # and the shrink's group was placed at the first try, without the lost node
     assert [n for _, n in placement_tries(events)] == [1, 1], placement_tries(events)
+    # and its rank started in the warm spare Ray had started ahead on the surviving node
+    # (resources/warm_pool.py): a process older than the group
+    recoveries = _of(events, "recovery")
+    assert [r["world_size"] for r in recoveries] == [2, 1, 2]
+    assert recoveries[0]["warm_ranks"] == 0 and recoveries[1]["warm_ranks"] == 1
     assert summary["steps"] == STEPS and summary["world_size"] == 2
     assert_same_trajectory(out, reference, STEPS)
     assert_each_sample_once(out)
