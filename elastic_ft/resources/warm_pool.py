@@ -11,7 +11,8 @@ rank it can host with the training workers' exact runtime environment ("spares")
 job's worker setup hook (worker_setup.py), which, seeing `WARM_ENV` (set only in the training
 workers' runtime environment), imports what a rank imports, then lists itself as ready in Ray's
 GCS key-value store. The next group's actors start in them (`warm_ranks` in the `recovery`
-events: ranks whose process is older than the group).
+events: ranks in a listed spare, or in a process older than the group on a node with a spare
+asked for, which may still have been warming).
 
 The runtime environment is the string rank 0 reports (Ray's own serialisation, so the raylet's
 hash matches); the job is the controller's own. Spares exit by themselves once the controller

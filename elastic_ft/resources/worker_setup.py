@@ -12,6 +12,8 @@ after this hook, and CUDA reads them once, at its initialisation. So the imports
 DeepSpeed's accelerator named (no device probe) and torch's NVML-based availability check, and
 afterwards the CUDA driver is asked whether it was initialised all the same; such a process
 would train on the wrong devices, so the rank refuses to train in it (`check_cuda_untouched`).
+CPU threads: OpenMP reads OMP_NUM_THREADS once, when torch loads, which here is before Ray sets
+it for the actor; the rank sets torch's threads from it (`adopt_actor_threads`).
 """
 
 from __future__ import annotations
