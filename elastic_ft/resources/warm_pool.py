@@ -80,6 +80,11 @@ def spare_prefix(controller_name: str) -> str:
     return f"elastic_ft/spares/{controller_name}/"
 
 
+def spare_key(prefix: str, node_id: str, pid: int | str = "") -> str:
+    """A spare's key under `prefix`; without a pid, the prefix of all of a node's spares."""
+    return f"{prefix}{node_id}/{pid}"
+
+
 def parse_spare_keys(keys: list[bytes], prefix: str) -> set[tuple[str, int]]:
     out = set()
     for key in keys:
@@ -187,7 +192,7 @@ class SpareKeeper:
         spare_ranks = 0
         for place in places:
             node_id, pid = place["node_id"], int(place["pid"])
-            listed = _internal_kv_del(f"{self.spare_prefix}{node_id}/{pid}") > 0
+            listed = _internal_kv_del(spare_key(self.spare_prefix, node_id, pid)) > 0
             started_t = place.get("process_started_t")
             older = scheduled_t is not None and started_t is not None and started_t < scheduled_t
             with self._lock:
@@ -204,7 +209,7 @@ class SpareKeeper:
 
         with self._lock:
             self.spares.forget_node(node_id)
-        _internal_kv_del(f"{self.spare_prefix}{node_id}/", del_by_prefix=True)
+        _internal_kv_del(spare_key(self.spare_prefix, node_id), del_by_prefix=True)
 
     def _top_up_spares_soon(self) -> None:
         if self.spares is not None and self.spares.runtime_env is not None:

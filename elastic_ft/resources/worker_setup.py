@@ -126,13 +126,14 @@ def _report_then_watch(controller_name: str, namespace: str) -> None:
     import ray
     from ray.experimental.internal_kv import _internal_kv_put
 
-    from elastic_ft.resources.warm_pool import spare_prefix
+    from elastic_ft.resources.warm_pool import spare_key, spare_prefix
 
     for _ in range(int(IDLE_BEFORE_READY_S / 0.25)):
         time.sleep(0.25)
         if _claimed():
             return
-    key = f"{spare_prefix(controller_name)}{ray.get_runtime_context().get_node_id()}/{os.getpid()}"
+    key = spare_key(spare_prefix(controller_name), ray.get_runtime_context().get_node_id(),
+                    os.getpid())
     _internal_kv_put(key, json.dumps({"warm_s": round(_state["warm_s"], 3)}))
     while not _claimed():
         time.sleep(CONTROLLER_WATCH_S)

@@ -15,6 +15,7 @@ from elastic_ft.resources.warm_pool import (
     node_slots,
     parse_spare_keys,
     prestart,
+    spare_key,
     spare_prefix,
     warm_env_vars,
     warm_modules,
@@ -60,7 +61,8 @@ def test_spare_pool_tops_up_each_node_to_its_slots() -> None:
 
 def test_spare_keys_name_node_and_pid() -> None:
     prefix = spare_prefix("ctl")
-    keys = [f"{prefix}n1/42".encode(), f"{prefix}n2/7".encode(), f"{prefix}junk".encode()]
+    keys = [spare_key(prefix, "n1", 42).encode(), spare_key(prefix, "n2", 7).encode(),
+            f"{prefix}junk".encode()]
     assert parse_spare_keys(keys, prefix) == {("n1", 42), ("n2", 7)}
 
 
