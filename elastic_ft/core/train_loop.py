@@ -23,6 +23,7 @@ from elastic_ft.core.checkpoint import (
 )
 from elastic_ft.core.controller_link import MetricsOutbox, RequestPoll
 from elastic_ft.core.worker_checkpoint import (
+    UploadInFlight,
     newest_checkpoint,
     ray_train_preemption_info,
     release_universal_copy,
@@ -164,6 +165,7 @@ def train_worker(config: dict[str, Any]) -> None:
     poll = RequestPoll(controller) if rank == 0 else None
     outbox = MetricsOutbox(controller)
     after_checkpoint = False  # the previous step took a checkpoint
+    uploads = UploadInFlight()  # this rank's periodic checkpoint upload in flight
     t_start, tokens_done = time.time(), 0
     last_forward_s = 0.0  # the previous step's forward compute (0: none yet)
     log_sample_ids = cfg.train.log_sample_ids
@@ -250,9 +252,12 @@ def train_worker(config: dict[str, Any]) -> None:
                         "step": step, "reason": request["kind"]})
                 # A just-in-time checkpoint must be in storage before the group restarts: sync.
                 sync = request is not None or cfg.checkpoint.upload == "sync"
+                # a periodic save waits for this rank's previous upload; a just-in-time one
+                # does not (its upload runs beside it, and the notice's deadline counts)
                 save_and_report(engine, cfg, metrics, step, position, world, rank, plan_dict,
                                 controller, sync,
-                                jit_kind=request["kind"] if request is not None else None)
+                                jit_kind=request["kind"] if request is not None else None,
+                                in_flight=uploads if request is None else None)
                 if request is not None and request.get("restart") and step < total_steps:
                     wait_for_restart(cfg, request)
                 if poll is not None:

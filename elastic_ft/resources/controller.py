@@ -184,6 +184,10 @@ class ElasticController(ClusterWatch, SpareKeeper):
     def record(self, event: str, fields: dict[str, Any]) -> None:
         if event == "checkpoint":
             self.last_checkpoint_s = float(fields.get("seconds", 0.0))
+            # what a hard node loss would resume from now: how far uploads lag the saves
+            with self._lock:
+                newest = self.saved_step if self.saved_step >= 0 else None
+            fields = dict(fields, newest_complete_step=newest)
             if self.checkpoint_storage and self.keep_checkpoints:
                 # hashing what is kept takes time: off the workers' path, one prune at a time
                 threading.Thread(target=self._prune, daemon=True).start()
