@@ -39,7 +39,7 @@ from elastic_ft.core.worker_env import (
     training_mem_bytes,
 )
 from elastic_ft.data.prepared import DataPosition, PreparedData, rank_slots
-from elastic_ft.data.shards import SHARD, ShardReader
+from elastic_ft.data.shards import RankFeed, ShardReader
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -103,15 +103,17 @@ def train_worker(config: dict[str, Any]) -> None:
         state = json.loads((ckpt_dir / "state.json").read_text())
     universal = state is not None and needs_universal(state, world)
     # The data starts where the checkpoint does; the reader fetches its first blocks from the
-    # object store while the model loads (data/shards.py).
+    # object store while the model loads. Every rank computes the same schedule from the
+    # checkpoint's state and the plan (data/shards.py).
     t_shard = time.time()
-    if rank == 0:  # before the shard call, which has Ray Train cut the shards along it
-        ray.get(controller.set_data_schedule.remote({
-            "position": state["position"] if state else DataPosition().to_dict(),
-            "steps": total_steps - (int(state["step"]) if state else 0), "world_size": world,
-            "micro_batches": list(plan.micro_batches), "grad_accum": a, "global_batch": g,
-            "seed": cfg.train.seed, "shuffle": cfg.data.shuffle}))
-    micro_batches = ShardReader(ray.train.get_dataset_shard(SHARD), prefetch_batches=a)
+    schedule = {"position": state["position"] if state else DataPosition().to_dict(),
+                "steps": total_steps - (int(state["step"]) if state else 0),
+                "world_size": world, "micro_batches": list(plan.micro_batches),
+                "grad_accum": a, "global_batch": g, "seed": cfg.train.seed,
+                "shuffle": cfg.data.shuffle}
+    blocks = config["blocks"]
+    micro_batches = ShardReader(RankFeed(blocks.refs, blocks.first_rows, schedule, rank),
+                                prefetch_batches=a)
     shard_open_s = time.time() - t_shard
     marks["data_stream_opened"] = time.time()
 

@@ -115,7 +115,7 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
     from elastic_ft.core.train_loop import train_worker
     from elastic_ft.data.eval_data import EvalSet
     from elastic_ft.data.pipeline import prepare_data
-    from elastic_ft.data.shards import SHARD, ScheduledShards, split_for_store
+    from elastic_ft.data.shards import store_blocks
     from elastic_ft.report.follower import RunFollower
     from elastic_ft.resources.controller import CONTROLLER_NAME, ElasticController
     from elastic_ft.resources.fleet import Fleet
@@ -213,11 +213,10 @@ def run_training(cfg: RunConfig, export: bool = True) -> dict[str, Any]:
             train_loop_config={"run": cfg.to_dict(), "controller": controller,
                                "index_ref": ray.put(prepared.table.select(
                                    ["n_trainable", "sample_ids"])), "total_steps": total_steps,
+                               "blocks": store_blocks(prepared.table),  # data/shards.py
                                "eval_ref": ray.put(evalset.table) if evalset else None,
                                "eval_prompts": prompt_records(cfg, evalset.prompts)
                                if evalset else []},
-            datasets={SHARD: ray.data.from_arrow(split_for_store(prepared.table))},
-            dataset_config=ScheduledShards(controller),
             scaling_config=ScalingConfig(
                 num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                 elastic_resize_monitor_interval_s=cfg.workers.resize_interval_s),

@@ -1,22 +1,21 @@
-"""The workers' data: Ray Train's dataset sharding, cut along the world-size-independent schedule.
+"""The workers' data: the prepared blocks in Ray's object store, read along the
+world-size-independent schedule.
 
-The trainer passes the prepared blocks as `datasets={"train": ...}` (a materialised Ray Dataset:
-its blocks sit in Ray's object store) with `ScheduledShards` as its `dataset_config`, and each
-worker reads `ray.train.get_dataset_shard("train")`. Ray Data's default split
-(`streaming_split`) hands blocks to whichever rank asks first, so after a restart nobody could
-say which samples the lost group had trained. Here each (re)started group gets one `RankFeed`
-per rank: the dataset's block refs and the group's schedule, from which the rank reads exactly
-its micro-batches from the checkpoint's data position to the end of the run
-(`prepared.rank_micro_batches`). The worker checks every micro-batch against the schedule.
+The trainer puts the prepared table in the object store as blocks of about `BLOCK_BYTES`
+(`store_blocks`) and hands the workers their refs in the training function's config. Each
+rank of a (re)started group reads exactly its micro-batches from the checkpoint's data
+position to the end of the run (`prepared.rank_micro_batches`): every rank computes the same
+schedule from the checkpoint's state and the controller's plan, so no rank waits for another
+and nobody has to say afterwards which samples a lost group trained (Ray Data's
+`streaming_split` hands blocks to whichever rank asks first). The worker checks every
+micro-batch against the schedule.
 
 A rank reads its rows straight from the object store, in a background thread (`ShardReader`),
-holding only the blocks its next micro-batches need. An earlier version ran a Ray Data
-pipeline per rank and group start; starting its executor and tasks (new worker processes on a
-node that just joined) was most of a restart's first step: 4-6 s after a drain or a loss,
-9-12 s after a join, on 2 cores (benchmarks/elastic_recovery.py).
-
-Rank 0 hands the controller the group's schedule before the first `get_dataset_shard` call;
-Ray Train runs `configure` when rank 0 makes that call (a barrier for the other ranks).
+holding only the blocks its next micro-batches need. Two earlier versions, measured on 2 cores
+(benchmarks/elastic_recovery.py): a Ray Data pipeline per rank and group start (4-6 s after a
+drain or a loss, 9-12 s after a join, mostly its executor and tasks starting), then the same
+blocks through Ray Train's `datasets=` and a `DataConfig` (1.7-2.8 s per group start: Ray
+Train starts a `DatasetManager` actor, a new process that imports Ray Data, for every group).
 """
 
 from __future__ import annotations
@@ -29,48 +28,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from ray.train import DataConfig
 
 from elastic_ft.data.prepared import PAD_SLOT, DataPosition, rank_micro_batches, take_blocks
 
-SHARD = "train"
 BLOCK_BYTES = 64 * 1024**2  # the prepared table's blocks in the object store, about this size
 CACHED_BLOCKS = 8  # blocks a rank keeps fetched (at least one micro-batch's worth)
 
 
-class ScheduledShards(DataConfig):
-    """Ray Train's `dataset_config`: `configure` gives each rank of a group its `RankFeed`."""
+@dataclass(frozen=True)
+class StoredBlocks:
+    """The prepared table in the object store: each block's ref, in order, and each block's
+    first row (plus the row count at the end). The driver owns the blocks for the run."""
 
-    def __init__(self, controller: Any) -> None:
-        super().__init__(datasets_to_split="all")  # configured once per group, by rank 0's call
-        self.controller = controller
-
-    def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
-                  worker_node_ids: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        import ray
-        from ray.util.debug import log_once
-
-        # Ray Data warns once that a job "will hang" while no CPU is free (the training
-        # workers hold them): not so here, reading the blocks' refs reserves no CPU
-        log_once("cpu_warning")
-        schedule = ray.get(self.controller.data_schedule.remote())
-        if schedule is None or schedule["world_size"] != world_size:
-            raise RuntimeError(f"elastic_ft: no data schedule for a group of {world_size} "
-                               f"workers (controller has {schedule})")
-        refs, first_rows = block_refs(datasets[SHARD])
-        return [{SHARD: RankFeed(refs, first_rows, schedule, rank)}
-                for rank in range(world_size)]
+    refs: list[Any]
+    first_rows: list[int]
 
 
-def block_refs(dataset: Any) -> tuple[list[Any], list[int]]:
-    """The refs of a materialised dataset's blocks, in order, and each block's first row
-    (plus the row count at the end): from the blocks' metadata, without reading them."""
-    refs, first_rows = [], [0]
-    for bundle in dataset.iter_internal_ref_bundles():
-        for entry in bundle.blocks:
-            refs.append(entry.ref)
-            first_rows.append(first_rows[-1] + int(entry.metadata.num_rows))
-    return refs, first_rows
+def store_blocks(table: Any, block_bytes: int = BLOCK_BYTES) -> StoredBlocks:
+    """Put the prepared table in the object store as blocks of about `block_bytes` (Ray
+    stores only a slice's own rows)."""
+    import ray
+
+    parts = split_for_store(table, block_bytes)
+    first_rows = np.cumsum([0] + [len(p) for p in parts]).tolist()
+    return StoredBlocks([ray.put(p) for p in parts], first_rows)
 
 
 def split_for_store(table: Any, block_bytes: int = BLOCK_BYTES) -> list[Any]:

@@ -75,7 +75,6 @@ class ElasticController(ClusterWatch, SpareKeeper):
         self.trained_step: int | None = None  # newest step of the current group
         self.jit_done = threading.Event()
         self.refreshed_for: tuple[int, int] | None = None
-        self.schedule: dict[str, Any] | None = None  # the group's data start (data/shards.py)
         self.nodes: set[str] = set()
         self.joined: set[str] = set()  # nodes that joined after the start: node_join pending
         self.draining: dict[str, int] = {}  # node -> deadline (ms): Ray's drains and notices
@@ -125,13 +124,6 @@ class ElasticController(ClusterWatch, SpareKeeper):
             self.events.emit("resize", **{"from": previous, "to": world_size})
         self.events.emit("plan", **self.current_plan)
         return self.current_plan
-
-    def set_data_schedule(self, schedule: dict[str, Any]) -> None:
-        """Rank 0, after resuming: where this group's data starts (data/shards.py reads it)."""
-        self.schedule = schedule
-
-    def data_schedule(self) -> dict[str, Any] | None:
-        return self.schedule
 
     def poll(self, wait_s: float = 0.0) -> dict[str, Any] | None:
         """A pending request for the workers (checkpoint now, and whether a restart follows),

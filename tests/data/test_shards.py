@@ -1,5 +1,5 @@
-"""The workers' shards: Ray Train's dataset sharding (a real `DataConfig.configure` over a real
-materialised Ray Dataset, read from the object store) cut along the schedule. The full runs,
+"""The workers' shards: the prepared blocks in a real Ray object store, each rank reading its
+micro-batches along the schedule. The full runs,
 resized mid-epoch, are in tests/integration (test_train.py, test_elastic.py: every sample id
 trained exactly once)."""
 
@@ -65,37 +65,26 @@ def _read_all(feed, n: int) -> list[dict]:
 
 @pytest.mark.ray
 @pytest.mark.parametrize("block_bytes", [1 << 30, 200])  # one block; many blocks of ~2 rows
-def test_configure_gives_each_rank_its_scheduled_blocks_in_order(ray_local, tmp_path,
-                                                                 block_bytes):
+def test_each_rank_reads_its_scheduled_blocks_in_order(ray_local, tmp_path, block_bytes):
     import numpy as np
 
-    from elastic_ft.data.shards import SHARD, ScheduledShards, split_for_store
+    from elastic_ft.data.shards import RankFeed, split_for_store, store_blocks
 
     data = _prepared(tmp_path)
-
-    class Controller:
-        def __init__(self, schedule):
-            self.schedule = schedule
-
-        def data_schedule(self):
-            return self.schedule
-
     # an uneven split: rank 0 trains 3 blocks per micro-step, rank 1 one
     world, micro, accum, global_batch, steps = 2, (3, 1), 2, 8, 7
     start = DataPosition(epoch=1, consumed=8)
     schedule = {"position": start.to_dict(), "steps": steps, "world_size": world,
                 "micro_batches": list(micro), "grad_accum": accum, "global_batch": global_batch,
                 "seed": 5, "shuffle": True}
-    controller = ray_local.remote(Controller).remote(schedule)
     parts = split_for_store(data.table, block_bytes)
     assert (len(parts) == 1) == (block_bytes > data.table.nbytes)
-    blocks = ray_local.data.from_arrow(parts)
-    feeds = ScheduledShards(controller).configure({SHARD: blocks}, world, None, None)
-    assert len(feeds) == world
+    blocks = store_blocks(data.table, block_bytes)
+    assert len(blocks.refs) == len(parts) and blocks.first_rows[-1] == len(data)
+    assert blocks.first_rows == [0, *np.cumsum([len(p) for p in parts]).tolist()]
     delivered: list[int] = []
     for rank in range(world):
-        feed = feeds[rank][SHARD]
-        assert len(feed.refs) == len(parts) and feed.first_rows[-1] == len(data)
+        feed = RankFeed(blocks.refs, blocks.first_rows, schedule, rank)
         expected = _schedule_slots(data, start, steps, global_batch, rank, micro, accum)
         got = _read_all(feed, len(expected))
         assert [b["slot"].tolist() for b in got] == expected
@@ -110,10 +99,6 @@ def test_configure_gives_each_rank_its_scheduled_blocks_in_order(ray_local, tmp_
         indices, position = data.global_batch(position, global_batch, seed=5, shuffle=True)
         scheduled.extend(indices)
     assert sorted(delivered) == sorted(scheduled)
-
-    # a schedule for another world size is refused, naming both
-    with pytest.raises(RuntimeError, match="no data schedule for a group of 3"):
-        ScheduledShards(controller).configure({SHARD: blocks}, 3, None, None)
 
 
 def _schedule_slots(data: PreparedData, position: DataPosition, steps: int, global_batch: int,
@@ -131,10 +116,11 @@ def test_a_rank_holds_only_the_blocks_it_reads(ray_local, tmp_path):
     micro-batch is all masked, and a block that cannot be read fails the reader's next()."""
     import numpy as np
 
-    from elastic_ft.data.shards import BlockCache, RankFeed, block_refs, split_for_store
+    from elastic_ft.data.shards import BlockCache, RankFeed, store_blocks
 
     data = _prepared(tmp_path)
-    refs, first_rows = block_refs(ray_local.data.from_arrow(split_for_store(data.table, 200)))
+    blocks = store_blocks(data.table, 200)
+    refs, first_rows = blocks.refs, blocks.first_rows
     assert len(refs) > 4
     cache = BlockCache(refs, first_rows, max_blocks=2)
     for slots in ([0, 1], [len(data) - 1, 5, PAD_SLOT], [7, 3, 11]):
