@@ -15,7 +15,7 @@ from typing import Any
 from elastic_ft.resources.inventory import inventory_row
 from elastic_ft.resources.policy import resize_decision
 from elastic_ft.resources.preemption import drain_noticed_node
-from elastic_ft.resources.reservations import refresh_ray_reservations
+from elastic_ft.resources.reservations import find_coordinator, refresh_ray_reservations
 
 
 class ClusterWatch:
@@ -150,6 +150,7 @@ class ClusterWatch:
         self.monitors[node_id] = actor
 
     def _watch_loop(self) -> None:
+        find_coordinator()
         while not self._stop.wait(self.monitor_interval_s):
             try:
                 self._watch_nodes()

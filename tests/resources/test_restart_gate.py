@@ -21,7 +21,11 @@ from ray.train.v2._internal.execution.controller.state import (
 from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
 
 from elastic_ft.events import read_events
-from elastic_ft.resources.reservations import refresh_ray_reservations, without_draining
+from elastic_ft.resources.reservations import (
+    find_coordinator,
+    refresh_ray_reservations,
+    without_draining,
+)
 from elastic_ft.resources.restart_gate import (
     CheckpointBeforeResize,
     RefreshBeforeSizing,
@@ -109,8 +113,13 @@ def test_refresh_has_rays_coordinator_recompute_reservations(ray_local):
     )
 
     coordinator = get_or_create_autoscaling_coordinator()
+    assert find_coordinator() is True  # the handle, looked up once (reservations.py)
     assert refresh_ray_reservations() is True
     ray_local.kill(coordinator)
+    # a coordinator started since: the stale handle is dropped and the new one found
+    replacement = get_or_create_autoscaling_coordinator()
+    assert refresh_ray_reservations() is True
+    ray_local.kill(replacement)
     assert refresh_ray_reservations() is False  # no coordinator: no error, just slower
 
 
