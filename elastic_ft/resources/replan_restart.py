@@ -9,6 +9,8 @@ other error to Ray Train's own `DefaultFailurePolicy` unchanged. Each re-plan lo
 (bounded by halving) or needs a predicted gain (planning.rebalance_decision), so they end.
 
 Ray Train takes its failure policy from the trainer; `ElasticTorchTrainer` passes this one.
+It also leaves out Ray Train's datasets callback, as the run passes no `datasets=`
+(`without_datasets_callback`).
 """
 
 from __future__ import annotations
@@ -48,8 +50,26 @@ class ReplanAwareFailurePolicy(DefaultFailurePolicy):
         return super().make_decision(training_failed_error)
 
 
+def without_datasets_callback(callbacks: list[Any], datasets: dict[str, Any] | None) -> list[Any]:
+    """Ray Train's default callbacks, less its datasets callback when there are no datasets.
+
+    That callback starts a `DatasetManager` actor for every worker group even without datasets:
+    a new process importing Ray Data, 1-2 s of CPU beside each restart's model load (seen in a
+    per-process CPU sample of a resize). The ranks read their blocks themselves
+    (data/shards.py).
+    """
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    if datasets:
+        return callbacks
+    return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+
 class ElasticTorchTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
         controller_init_kwargs["failure_policy"] = ReplanAwareFailurePolicy(
             self.run_config.failure_config)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    def _create_default_callbacks(self) -> list[Any]:
+        return without_datasets_callback(super()._create_default_callbacks(), self.datasets)

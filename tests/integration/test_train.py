@@ -137,6 +137,10 @@ def test_checkpoints_faster_than_ray_takes_them_keep_one_upload_in_flight(
     lags = [e["step"] - (e["newest_complete_step"] or 0) for e in saves]
     assert max(lags) <= 2, lags
     assert any(e["upload_wait_s"] > 0.05 for e in saves), saves  # the gate held saves back
+    # no Ray Data on the workers' path: Ray Train started no DatasetManager actor per group
+    # (a new process importing Ray Data, beside each restart's model load)
+    classes = {a.get("ActorClassName") for a in ray_local._private.state.actors().values()}
+    assert "RayTrainWorker" in classes and "DatasetManager" not in classes, classes
 
 
 def test_full_finetune_zero3(tmp_path, tiny_assets, ray_local) -> None:
