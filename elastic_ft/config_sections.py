@@ -146,7 +146,9 @@ class CheckpointConfig(_Section):
     every_steps: int = Field(default=50, gt=0)
     keep: int = Field(default=2, ge=1)
     upload: Literal["async", "sync"] = Field(
-        default="async", description="periodic checkpoints; just-in-time ones are always sync")
+        default="async", description=(
+            "periodic checkpoints, at most one upload in flight per rank (a save waits for the "
+            "previous upload); just-in-time ones are always sync"))
     keep_best: bool = Field(default=False, description=(
         "also keep the checkpoint with the best eval loss (needs eval)"))
 
