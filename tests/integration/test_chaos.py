@@ -149,8 +149,11 @@ def test_driver_killed_then_same_command_resumes_from_s3(tiny_assets, undisturbe
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     events = read_events(out / "events.jsonl")
-    invalid = [e for e in events if e["event"] == "checkpoint_invalid"]
-    assert invalid and latest.path.rsplit("/", 1)[-1] in invalid[0]["error"]
+    # the truncated one is reported and skipped; so is a newer one whose upload the kill cut
+    # short (a rank's part without state.json), when the kill came during an upload
+    invalid = [e["error"] for e in events
+               if e["event"] == "checkpoint_invalid"]
+    assert any(latest.path.rsplit("/", 1)[-1] in error for error in invalid), invalid
     resume = [e for e in events if e["event"] == "resume"]
     assert resume and 20 <= resume[-1]["step"] < latest.state["step"]
     losses = losses_by_step(out)
