@@ -35,6 +35,7 @@ from elastic_ft.core.worker_checkpoint import (
 from elastic_ft.core.worker_env import (
     hold_to_cuda_cap,
     peak_mem_bytes,
+    process_started_t,
     rank_place,
     training_mem_bytes,
 )
@@ -44,7 +45,7 @@ from elastic_ft.data.shards import RankFeed, ShardReader
 
 def train_worker(config: dict[str, Any]) -> None:
     # rank 0's part of the restart's timeline (resources/recovery.py)
-    marks = {"worker_process_started": _process_start_t(), "train_fn_entered": time.time()}
+    marks = {"worker_process_started": process_started_t(), "train_fn_entered": time.time()}
     from elastic_ft.core.lean_imports import import_deepspeed
 
     import_deepspeed()  # before torch work, so its accelerator is chosen once
@@ -283,9 +284,3 @@ def train_worker(config: dict[str, Any]) -> None:
                                          "peak_mem_bytes": all_peaks,
                                          "wall_s": round(time.time() - t_start, 3)})
 
-
-def _process_start_t() -> float:
-    """When this worker process started (Ray may hand a group a process it started before)."""
-    import psutil
-
-    return psutil.Process().create_time()

@@ -56,4 +56,12 @@ def rank_place() -> dict[str, Any]:
         "budget_override_bytes": int(override) if override else None,
         # the controller starts warm spares with this exact environment (warm_pool.py)
         "runtime_env": ctx.get_runtime_env_string(),
-        "process_started_t": psutil.Process().create_time()}
+        "process_started_t": process_started_t()}
+
+
+def process_started_t() -> float:
+    """When this worker process started (Ray may hand a group a process it started before:
+    a warm spare, resources/warm_pool.py)."""
+    import psutil
+
+    return psutil.Process().create_time()
