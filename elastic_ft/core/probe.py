@@ -16,87 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-import psutil
-
 from elastic_ft.config import RunConfig
+from elastic_ft.core.peak_memory import CpuAllocatedPeak, RssPeak
 from elastic_ft.core.ports import free_port
-
-
-class RssPeak:
-    """Peak RSS growth of this process while the block runs (CPU has no allocator counter)."""
-
-    def __init__(self, interval_s: float = 0.002) -> None:
-        self.interval_s = interval_s
-        self.proc = psutil.Process()
-
-    def __enter__(self) -> RssPeak:
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval_s)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
-
-
-class CpuAllocatedPeak:
-    """Peak bytes of live CPU tensors allocated while the block runs: the CPU analogue of
-    `torch.cuda.max_memory_allocated`, free of the heap and page-cache slack in RSS.
-
-    PyTorch's CPU allocator keeps a running total of the bytes it handed out while the
-    profiler records memory, and reports it with every allocation event; the peak of that
-    total is read back from the profiler's event tree. Costs a profiler's overhead, so the
-    probe itself stays on RSS; the memory benchmark uses this to score the model exactly.
-    Only the calling thread's allocations are counted, so Hugging Face's threaded weight
-    loading is switched off meanwhile.
-    """
-
-    def __enter__(self) -> CpuAllocatedPeak:
-        import os
-
-        from torch.profiler import ProfilerActivity, profile
-
-        self._async_load = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
-        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
-        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._profile.__enter__()
-        self.peak = 0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import os
-
-        from torch._C._profiler import _EventType
-
-        self._profile.__exit__(*exc)
-        if self._async_load is None:
-            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
-        else:
-            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = self._async_load
-        pending = list(self._profile.profiler.kineto_results.experimental_event_tree())
-        while pending:
-            event = pending.pop()
-            pending.extend(event.children)
-            if event.tag == _EventType.Allocation and str(event.extra_fields.device) == "cpu":
-                self.peak = max(self.peak, event.extra_fields.total_allocated)
 
 
 def local_process_group(rank: int = 0, world: int = 1, port: int | None = None) -> None:
@@ -168,6 +93,8 @@ def measure_candidate(cfg: RunConfig, micro_batch: int, steps: int = 2,
             for _ in range(steps):
                 engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
                 engine.step()
+                if isinstance(allocations, CpuAllocatedPeak):
+                    allocations.end_step()
             if cuda:
                 torch.cuda.synchronize()
         if cuda:
