@@ -45,6 +45,7 @@ def rank_place() -> dict[str, Any]:
     import torch
 
     from elastic_ft.resources.inventory import NODE_BUDGET_ENV
+    from elastic_ft.resources.worker_setup import warmed_t
 
     ctx = ray.get_runtime_context()
     cuda_total = (torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
@@ -56,7 +57,8 @@ def rank_place() -> dict[str, Any]:
         "budget_override_bytes": int(override) if override else None,
         # the controller starts warm spares with this exact environment (warm_pool.py)
         "runtime_env": ctx.get_runtime_env_string(),
-        "process_started_t": process_started_t()}
+        "process_started_t": process_started_t(),
+        "warmed_t": warmed_t()}  # when a spare's imports were done (None: not a spare)
 
 
 def process_started_t() -> float:

@@ -15,6 +15,7 @@ from typing import Any
 from elastic_ft.resources.inventory import inventory_row
 from elastic_ft.resources.policy import resize_decision
 from elastic_ft.resources.preemption import drain_noticed_node
+from elastic_ft.resources.recovery import NODE_ALIVE
 from elastic_ft.resources.reservations import find_coordinator, refresh_ray_reservations
 
 
@@ -25,6 +26,7 @@ class ClusterWatch:
     pending: dict[str, Any] | None
     _lock: threading.Lock
     _requested: threading.Condition  # on _lock; the workers' poll waits on it
+    clock_marks: list[tuple[str, float]]  # the controller's, for recovery timelines
     _top_up_spares_soon: Any  # warm_pool.SpareKeeper's
     _forget_spares_on: Any
 
@@ -93,6 +95,7 @@ class ClusterWatch:
         for node_id in sorted(alive - self.nodes):
             if not initial:  # node_join is logged with the monitor's first sample
                 self.joined.add(node_id)
+                self.clock_marks.append((NODE_ALIVE, time.time()))  # the join's timeline
             self._start_monitor(node_id)
         for node_id in sorted(self.nodes - alive):
             self.events.emit("node_lost", node_id=node_id)

@@ -26,7 +26,12 @@ from elastic_ft.report.summary import eval_scores
 from elastic_ft.resources.cluster_watch import ClusterWatch
 from elastic_ft.resources.fleet import Fleet
 from elastic_ft.resources.inventory import RankPlace
-from elastic_ft.resources.recovery import EVENT_MARKS, recovery_timeline, trigger_of
+from elastic_ft.resources.recovery import (
+    EVENT_MARKS,
+    last_rank_marks,
+    recovery_timeline,
+    trigger_of,
+)
 from elastic_ft.resources.warm_pool import SpareKeeper
 
 CONTROLLER_NAME = "elastic_ft_controller"
@@ -80,7 +85,8 @@ class ElasticController(ClusterWatch, SpareKeeper):
         self.draining: dict[str, int] = {}  # node -> deadline (ms): Ray's drains and notices
         self.ray_draining: set[str] = set()  # the nodes Ray reported draining at the last look
         self.monitors: dict[str, Any] = {}
-        self.clock_marks: list[tuple[str, float]] = []  # Ray Train's side (RecoveryClock)
+        # timeline marks: Ray Train's (RecoveryClock), a node seen alive, the newest rank's
+        self.clock_marks: list[tuple[str, float]] = []
         self.previous_first_step_t: float | None = None
         self.warm_ranks = 0  # ranks of the current group that started in a warm spare
         self._lock = threading.Lock()
@@ -114,6 +120,7 @@ class ElasticController(ClusterWatch, SpareKeeper):
                                      ranks=[d.to_dict() for d in self.fleet.ranks])
         scheduled = [t for name, t in self.clock_marks if name == "new_group_scheduling"]
         self.warm_ranks = self._claim_spares(places, max(scheduled) if scheduled else None)
+        self.clock_marks += last_rank_marks(places)  # kept in the timeline if after the change
         for event in capped:
             self.events.emit(event.pop("event"), **event)
         if missed is not None and missed.get("kind") not in ("memory", "rebalance"):

@@ -24,6 +24,9 @@ CHANGES = {"node_join": "join", "node_lost": "node_lost", "node_draining": "drai
 # Ray Train's decisions on a running group, as the change they answer: it resizes a live group
 # only to grow it (a join), and preempts for a drain; a restart is a failure it detected
 RAY_TRAIN_CHANGES = {"resizing": "join", "preempting": "drain", "restarting": "restarting"}
+# the controller's watcher saw a new node alive: node_join itself waits for the node's monitor
+# to start and send its first sample, seconds later on a busy node
+NODE_ALIVE = "node_alive"
 EVENT_MARKS = {"jit_checkpoint_requested": "checkpoint_requested",
                "jit_checkpoint": "checkpoint_in_storage", "plan": "planned_by_controller"}
 
@@ -55,7 +58,22 @@ def trigger_of(events: list[dict[str, Any]], since_t: float,
         if t > since_t and name.startswith("ray_train:"):
             state = name.split(":", 1)[1]
             seen.append((t, RAY_TRAIN_CHANGES.get(state, state)))
+        elif t > since_t and name == NODE_ALIVE:
+            seen.append((t, "join"))
     if not seen:
         return {"kind": "restart", "t": since_t}
     t, kind = min(seen)
     return {"kind": kind, "t": t}
+
+
+def last_rank_marks(places: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """When the group's newest worker process started and, if it warmed itself as a spare,
+    when its imports were done: at a join, the new node's spare is the restart's long pole."""
+    started = [p for p in places if p.get("process_started_t") is not None]
+    if not started:
+        return []
+    last = max(started, key=lambda p: p["process_started_t"])
+    marks = [("last_rank_process_started", float(last["process_started_t"]))]
+    if last.get("warmed_t") is not None:
+        marks.append(("last_rank_warmed", float(last["warmed_t"])))
+    return marks

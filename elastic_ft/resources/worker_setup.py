@@ -34,7 +34,7 @@ RUNTIME_ENV: dict[str, Any] = {"worker_process_setup_hook": SETUP_HOOK}
 CONTROLLER_WATCH_S = 5.0
 IDLE_BEFORE_READY_S = 2.0
 
-_state: dict[str, Any] = {"warm_s": None, "cuda_initialized": False}
+_state: dict[str, Any] = {"warm_s": None, "warmed_t": None, "cuda_initialized": False}
 
 
 def setup() -> None:
@@ -48,7 +48,8 @@ def warm(spec: dict[str, Any]) -> None:
     t0 = time.time()
     warm_imports(spec["accelerator"], spec["modules"])
     _state["cuda_initialized"] = cuda_driver_initialized()
-    _state["warm_s"] = time.time() - t0
+    _state["warmed_t"] = time.time()
+    _state["warm_s"] = _state["warmed_t"] - t0
     threading.Thread(target=_report_then_watch, args=(spec["controller"], spec["namespace"]),
                      daemon=True).start()
 
@@ -85,6 +86,11 @@ def adopt_actor_threads() -> None:
         import torch
 
         torch.set_num_threads(int(threads))
+
+
+def warmed_t() -> float | None:
+    """When this process finished warming itself (None: it did not)."""
+    return _state["warmed_t"]
 
 
 def warm_s() -> float | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from elastic_ft.resources.recovery import recovery_timeline, trigger_of
+from elastic_ft.resources.recovery import last_rank_marks, recovery_timeline, trigger_of
 
 
 def test_phases_run_from_the_change_to_the_first_step_in_time_order() -> None:
@@ -31,4 +31,24 @@ def test_the_trigger_is_the_first_change_since_the_last_group_started() -> None:
     grow = [("ray_train:resizing", 50.0)]
     assert trigger_of(events + [{"event": "node_join", "t": 52.0}], 45.0, grow) == {
         "kind": "join", "t": 50.0}
+    # our watcher saw the node alive before Ray Train's decision and the monitor's node_join
+    alive = [("node_alive", 48.5)] + grow
+    assert trigger_of(events + [{"event": "node_join", "t": 52.0}], 45.0, alive) == {
+        "kind": "join", "t": 48.5}
     assert trigger_of([], 50.0, []) == {"kind": "restart", "t": 50.0}
+
+
+def test_the_newest_rank_process_and_its_warm_up_are_marked() -> None:
+    places = [{"process_started_t": 10.0, "warmed_t": 14.0},  # an old spare
+              {"process_started_t": 49.0, "warmed_t": 55.5},  # the joined node's spare
+              {"process_started_t": None}]
+    assert last_rank_marks(places) == [("last_rank_process_started", 49.0),
+                                       ("last_rank_warmed", 55.5)]
+    cold = [{"process_started_t": 49.0, "warmed_t": None}]
+    assert last_rank_marks(cold) == [("last_rank_process_started", 49.0)]
+    assert last_rank_marks([{}]) == []
+    # only marks after the change are phases of its timeline
+    timeline = recovery_timeline({"kind": "join", "t": 48.5},
+                                 last_rank_marks(places[:1]) + last_rank_marks(places[1:2]), 58.0)
+    assert [p["phase"] for p in timeline["phases"]] == [
+        "last_rank_process_started", "last_rank_warmed", "first_step"]
