@@ -45,7 +45,7 @@ def rank_place() -> dict[str, Any]:
     import torch
 
     from elastic_ft.resources.inventory import NODE_BUDGET_ENV
-    from elastic_ft.resources.worker_setup import warmed_t
+    from elastic_ft.resources.worker_setup import warm_times
 
     ctx = ray.get_runtime_context()
     cuda_total = (torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
@@ -57,13 +57,23 @@ def rank_place() -> dict[str, Any]:
         "budget_override_bytes": int(override) if override else None,
         # the controller starts warm spares with this exact environment (warm_pool.py)
         "runtime_env": ctx.get_runtime_env_string(),
-        "process_started_t": process_started_t(),
-        "warmed_t": warmed_t()}  # when a spare's imports were done (None: not a spare)
+        # a spare: when its imports started and were done (None: not a spare)
+        "process_started_t": process_started_t(), "warm_times": warm_times()}
 
 
 def process_started_t() -> float:
     """When this worker process started (Ray may hand a group a process it started before:
-    a warm spare, resources/warm_pool.py)."""
-    import psutil
+    a warm spare, resources/warm_pool.py). On Linux from its start tick and the uptime: psutil's
+    `create_time` adds the tick to /proc/stat's boot time, whole seconds, so up to 1 s early."""
+    import time
 
-    return psutil.Process().create_time()
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime_s = float(f.read().split()[0])
+    except (OSError, IndexError, ValueError):
+        import psutil
+
+        return psutil.Process().create_time()
+    return time.time() - uptime_s + start_ticks / os.sysconf("SC_CLK_TCK")

@@ -68,12 +68,15 @@ def trigger_of(events: list[dict[str, Any]], since_t: float,
 
 def last_rank_marks(places: list[dict[str, Any]]) -> list[tuple[str, float]]:
     """When the group's newest worker process started and, if it warmed itself as a spare,
-    when its imports were done: at a join, the new node's spare is the restart's long pole."""
+    when its imports started and were done: at a join, the new node's spare is the restart's
+    long pole."""
     started = [p for p in places if p.get("process_started_t") is not None]
     if not started:
         return []
     last = max(started, key=lambda p: p["process_started_t"])
+    warm_started_t, warmed_t = last.get("warm_times") or (None, None)
     marks = [("last_rank_process_started", float(last["process_started_t"]))]
-    if last.get("warmed_t") is not None:
-        marks.append(("last_rank_warmed", float(last["warmed_t"])))
+    if warm_started_t is not None and warmed_t is not None:
+        marks += [("last_rank_warm_started", float(warm_started_t)),
+                  ("last_rank_warmed", float(warmed_t))]
     return marks

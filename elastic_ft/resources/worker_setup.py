@@ -34,7 +34,8 @@ RUNTIME_ENV: dict[str, Any] = {"worker_process_setup_hook": SETUP_HOOK}
 CONTROLLER_WATCH_S = 5.0
 IDLE_BEFORE_READY_S = 2.0
 
-_state: dict[str, Any] = {"warm_s": None, "warmed_t": None, "cuda_initialized": False}
+_state: dict[str, Any] = {"warm_s": None, "warm_started_t": None, "warmed_t": None,
+                          "cuda_initialized": False}
 
 
 def setup() -> None:
@@ -45,7 +46,7 @@ def setup() -> None:
 
 
 def warm(spec: dict[str, Any]) -> None:
-    t0 = time.time()
+    t0 = _state["warm_started_t"] = time.time()
     warm_imports(spec["accelerator"], spec["modules"])
     _state["cuda_initialized"] = cuda_driver_initialized()
     _state["warmed_t"] = time.time()
@@ -88,9 +89,9 @@ def adopt_actor_threads() -> None:
         torch.set_num_threads(int(threads))
 
 
-def warmed_t() -> float | None:
-    """When this process finished warming itself (None: it did not)."""
-    return _state["warmed_t"]
+def warm_times() -> tuple[float | None, float | None]:
+    """When this process started and finished warming itself (None: it did not)."""
+    return _state["warm_started_t"], _state["warmed_t"]
 
 
 def warm_s() -> float | None:

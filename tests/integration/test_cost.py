@@ -106,8 +106,7 @@ def test_cost_report_of_a_run_through_join_drain_and_hard_loss(tiny_assets, tmp_
     assert report["seconds"]["checkpoint"] == pytest.approx(
         sum(e["seconds"] for e in _of(events, "checkpoint")), abs=0.05)
     # four restarts (join, drain, join, hard loss), never short of workers.min nodes
-    assert len(_of(events, "resume")) == 4
-    assert report["seconds"]["recovery"] > 4 * 5 and report["seconds"]["waiting"] == 0
+    assert len(_of(events, "resume")) == 4 and report["seconds"]["waiting"] == 0
 
     # every group start's timeline (issue 21): from the change to the first step, phase by phase
     recoveries = _of(events, "recovery")
@@ -123,6 +122,11 @@ def test_cost_report_of_a_run_through_join_drain_and_hard_loss(tiny_assets, tmp_
     for r in recoveries[1:]:
         assert {"old_group_stopped", "new_workers_started", "checkpoint_loaded"} <= {
             p["phase"] for p in r["phases"]}
+    # no step runs between a new group's plan and its first step: that much is recovery at least
+    setup_s = sum(r["phases"][-1]["t"] - next(p["t"] for p in r["phases"]
+                                              if p["phase"] == "planned_by_controller")
+                  for r in recoveries[1:])
+    assert report["seconds"]["recovery"] > setup_s > 4 * 0.5, (report["seconds"], setup_s)
     # each new group placed at the first try: neither the draining node nor the lost one was
     # counted (resources/restart_gate.py)
     assert [n for _, n in placement_tries(events)] == [1, 1, 1, 1], placement_tries(events)

@@ -39,16 +39,17 @@ def test_the_trigger_is_the_first_change_since_the_last_group_started() -> None:
 
 
 def test_the_newest_rank_process_and_its_warm_up_are_marked() -> None:
-    places = [{"process_started_t": 10.0, "warmed_t": 14.0},  # an old spare
-              {"process_started_t": 49.0, "warmed_t": 55.5},  # the joined node's spare
+    places = [{"process_started_t": 10.0, "warm_times": [11.0, 14.0]},  # an old spare
+              {"process_started_t": 49.0, "warm_times": [50.2, 55.5]},  # the joined node's
               {"process_started_t": None}]
     assert last_rank_marks(places) == [("last_rank_process_started", 49.0),
+                                       ("last_rank_warm_started", 50.2),
                                        ("last_rank_warmed", 55.5)]
-    cold = [{"process_started_t": 49.0, "warmed_t": None}]
+    cold = [{"process_started_t": 49.0, "warm_times": [None, None]}]
     assert last_rank_marks(cold) == [("last_rank_process_started", 49.0)]
     assert last_rank_marks([{}]) == []
     # only marks after the change are phases of its timeline
     timeline = recovery_timeline({"kind": "join", "t": 48.5},
                                  last_rank_marks(places[:1]) + last_rank_marks(places[1:2]), 58.0)
     assert [p["phase"] for p in timeline["phases"]] == [
-        "last_rank_process_started", "last_rank_warmed", "first_step"]
+        "last_rank_process_started", "last_rank_warm_started", "last_rank_warmed", "first_step"]
