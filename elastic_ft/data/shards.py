@@ -10,8 +10,8 @@ and nobody has to say afterwards which samples a lost group trained (Ray Data's
 `streaming_split` hands blocks to whichever rank asks first). The worker checks every
 micro-batch against the schedule.
 
-A rank reads its rows straight from the object store, in a background thread (`ShardReader`),
-holding only the blocks its next micro-batches need. Two earlier versions, measured on 2 cores
+A rank reads its rows straight from the object store, the blocks fetched ahead by a background
+thread (`ShardReader`), holding only the blocks its next micro-batches need. Two earlier versions, measured on 2 cores
 (benchmarks/elastic_recovery.py): a Ray Data pipeline per rank and group start (4-6 s after a
 drain or a loss, 9-12 s after a join, mostly its executor and tasks starting), then the same
 blocks through Ray Train's `datasets=` and a `DataConfig` (1.7-2.8 s per group start: Ray
@@ -78,6 +78,26 @@ class RankFeed:
                                   s["micro_batches"], self.rank, s["grad_accum"])
 
 
+@dataclass(frozen=True)
+class FetchedRows:
+    """One micro-batch's slots and the fetched blocks (with their first rows) they are in."""
+
+    slots: np.ndarray
+    blocks: list[int]  # each real slot's block
+    tables: dict[int, tuple[Any, int]]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        import pyarrow as pa
+
+        is_real = self.slots != PAD_SLOT
+        rows = [self.tables[b][0].slice(int(i) - self.tables[b][1], 1)
+                for i, b in zip(self.slots[is_real], self.blocks, strict=True)]
+        table = pa.concat_tables(rows) if rows else next(iter(self.tables.values()))[0]
+        local = np.full(len(self.slots), PAD_SLOT, dtype=np.int64)
+        local[is_real] = np.arange(len(rows))
+        return {"slot": self.slots, **take_blocks(table, local)}
+
+
 class BlockCache:
     """Rows by slot from the object store's blocks, the `max_blocks` last used kept fetched."""
 
@@ -87,19 +107,16 @@ class BlockCache:
         self._tables: OrderedDict[int, Any] = OrderedDict()
 
     def take(self, slots: list[int]) -> dict[str, np.ndarray]:
-        import pyarrow as pa
+        return self.fetch(slots).arrays()
 
+    def fetch(self, slots: list[int]) -> FetchedRows:
+        """The blocks these slots are in, fetched from the object store (the part that waits)."""
         ids = np.asarray(slots, dtype=np.int64)
-        is_real = ids != PAD_SLOT
-        real = ids[is_real]
+        real = ids[ids != PAD_SLOT]
         blocks = (np.searchsorted(self.first_rows, real, side="right") - 1).tolist()
         tables = self._fetch(sorted(set(blocks)) or [0])
-        rows = [tables[b].slice(int(i) - int(self.first_rows[b]), 1)
-                for i, b in zip(real, blocks, strict=True)]
-        table = pa.concat_tables(rows) if rows else tables[0]
-        local = np.full(len(ids), PAD_SLOT, dtype=np.int64)
-        local[is_real] = np.arange(len(real))
-        return take_blocks(table, local)
+        return FetchedRows(ids, blocks, {b: (t, int(self.first_rows[b]))
+                                         for b, t in tables.items()})
 
     def _fetch(self, blocks: list[int]) -> dict[int, Any]:
         import ray
@@ -118,8 +135,12 @@ _END = object()
 
 
 class ShardReader:
-    """This rank's micro-batches, in order, read ahead by a background thread from the moment
-    the feed arrives (the blocks come while the model loads)."""
+    """This rank's micro-batches, in order. A background thread fetches their blocks ahead from
+    the moment the feed arrives (the blocks come while the model loads); the rows are cut on
+    the training thread as it asks. A thread cutting them too did that Python work beside the
+    forward and backward: on the tiny model (2 ranks, 2 cores, 28 ms steps) those took 1.5 ms
+    a step longer than in the plain loop, which cuts the same rows inline (py-spy of both).
+    """
 
     def __init__(self, feed: RankFeed, prefetch_batches: int) -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch_batches))
@@ -132,7 +153,7 @@ class ShardReader:
         try:
             cache = BlockCache(feed.refs, feed.first_rows)
             for slots in feed.micro_batch_slots():
-                self._put({"slot": np.asarray(slots, dtype=np.int64), **cache.take(slots)})
+                self._put(cache.fetch(slots))
                 if self._stop.is_set():
                     return
             self._put(_END)
@@ -151,9 +172,12 @@ class ShardReader:
         item = self._queue.get()
         if item is _END:
             raise RuntimeError("elastic_ft: the data shard ended before the schedule did")
-        if isinstance(item, Exception):
-            raise RuntimeError(f"elastic_ft: reading this rank's data failed: {item}") from item
-        return item
+        try:
+            if isinstance(item, Exception):
+                raise item
+            return item.arrays()
+        except Exception as error:
+            raise RuntimeError(f"elastic_ft: reading this rank's data failed: {error}") from error
 
     def close(self) -> None:
         self._stop.set()
