@@ -26,19 +26,14 @@ from elastic_ft.report.summary import eval_scores
 from elastic_ft.resources.cluster_watch import ClusterWatch
 from elastic_ft.resources.fleet import Fleet
 from elastic_ft.resources.inventory import RankPlace
-from elastic_ft.resources.recovery import (
-    EVENT_MARKS,
-    last_rank_marks,
-    recovery_timeline,
-    trigger_of,
-)
+from elastic_ft.resources.recovery import RecoveryMarks
 from elastic_ft.resources.warm_pool import SpareKeeper
 
 CONTROLLER_NAME = "elastic_ft_controller"
 NAMESPACE = "elastic_ft"
 
 
-class ElasticController(ClusterWatch, SpareKeeper):
+class ElasticController(ClusterWatch, SpareKeeper, RecoveryMarks):
     def __init__(self, output_dir: str, fleet: Fleet,
                  min_workers: int, max_workers: int, resources_per_worker: dict[str, float],
                  monitor_interval_s: float = 1.0, max_rebalances: int = 8,
@@ -120,7 +115,7 @@ class ElasticController(ClusterWatch, SpareKeeper):
                                      ranks=[d.to_dict() for d in self.fleet.ranks])
         scheduled = [t for name, t in self.clock_marks if name == "new_group_scheduling"]
         self.warm_ranks = self._claim_spares(places, max(scheduled) if scheduled else None)
-        self.clock_marks += last_rank_marks(places)  # kept in the timeline if after the change
+        self.mark_places(places)
         for event in capped:
             self.events.emit(event.pop("event"), **event)
         if missed is not None and missed.get("kind") not in ("memory", "rebalance"):
@@ -220,33 +215,6 @@ class ElasticController(ClusterWatch, SpareKeeper):
             self.replan_t = time.time()
         name = "replan_memory" if replan.kind == "memory" else "rebalance"
         self.events.emit(name, step=self.trained_step, reason=replan.reason, **replan.event)
-
-    # -- a restart's timeline (recovery.py) ------------------------------------------------
-    def clock(self, name: str, t: float) -> None:
-        """From Ray Train's controller: a decision or a worker group change, timestamped."""
-        self.clock_marks.append((name, t))
-
-    def group_ready(self, worker_marks: dict[str, float], first_step_t: float,
-                    world_size: int, step: int) -> None:
-        """Rank 0 after its group's first step: the `recovery` event, from the change that
-        caused this group (or the run's start) to that step."""
-        events = read_events(self.events.path)
-        since = self.previous_first_step_t
-        if since is None:
-            starts = [e["t"] for e in events if e["event"] == "run_start"]
-            trigger = {"kind": "start", "t": starts[-1] if starts else first_step_t}
-        else:
-            trigger = trigger_of(events, since, self.clock_marks)
-        marks = [(EVENT_MARKS[e["event"]], e["t"]) for e in events
-                 if e["event"] in EVENT_MARKS and e["t"] > (since or 0)]
-        marks += [m for m in self.clock_marks if m[1] > (since or 0)]
-        marks += list(worker_marks.items())
-        timeline = recovery_timeline(trigger, marks, first_step_t)
-        self.events.emit("recovery", world_size=world_size, step=step,
-                         warm_ranks=self.warm_ranks, **timeline)
-        self.previous_first_step_t = first_step_t
-        self._top_up_spares_soon()  # for the next restart, now that this one is done
-        self.clock_marks = [m for m in self.clock_marks if m[1] > first_step_t]
 
     def evals_done(self) -> list[int]:
         return sorted(self.eval_losses)

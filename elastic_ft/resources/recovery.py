@@ -7,14 +7,20 @@ Marks come from three places and are put together here, as one `recovery` event 
   decided to resize or restart, when the old worker group stopped, when the new one started;
 - rank 0 of the new group: its process start, imports, the plan, the checkpoint chosen and
   verified, the data stream opened, the model loaded, the engine built, the checkpoint loaded
-  (and converted), the first step done.
-`recovery_timeline` is pure: tested over hand-made marks without Ray, and this module imports
-no Ray, so the controller actor, which uses it, starts without Ray Train's imports.
+  (and converted), the first step done; and every rank's place: the newest process's start
+  and, for a warm spare, its imports (at a join, the long pole);
+- the controller's watcher: a new node seen alive (a join's start: `node_join` waits for the
+  node's monitor).
+`recovery_timeline` is pure: tested over hand-made marks without Ray. `RecoveryMarks` is the
+controller's side. This module imports no Ray, so the controller actor, which uses it, starts
+without Ray Train's imports.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from elastic_ft.events import read_events
 
 # events that start a recovery, and the kind of change each one is
 CHANGES = {"node_join": "join", "node_lost": "node_lost", "node_draining": "drain",
@@ -80,3 +86,44 @@ def last_rank_marks(places: list[dict[str, Any]]) -> list[tuple[str, float]]:
         marks += [("last_rank_warm_started", float(warm_started_t)),
                   ("last_rank_warmed", float(warmed_t))]
     return marks
+
+
+class RecoveryMarks:
+    """The controller's side (a mixin of `ElasticController`): it gathers the marks and emits
+    one `recovery` event per group, at its first step."""
+
+    events: Any
+    clock_marks: list[tuple[str, float]]
+    previous_first_step_t: float | None
+    warm_ranks: int
+    _top_up_spares_soon: Any  # warm_pool.SpareKeeper's
+
+    def clock(self, name: str, t: float) -> None:
+        """From Ray Train's controller: a decision or a worker group change, timestamped."""
+        self.clock_marks.append((name, t))
+
+    def mark_places(self, places: list[dict[str, Any]]) -> None:
+        """A new group's ranks: kept in its timeline if they came after the change."""
+        self.clock_marks += last_rank_marks(places)
+
+    def group_ready(self, worker_marks: dict[str, float], first_step_t: float,
+                    world_size: int, step: int) -> None:
+        """Rank 0 after its group's first step: the `recovery` event, from the change that
+        caused this group (or the run's start) to that step."""
+        events = read_events(self.events.path)
+        since = self.previous_first_step_t
+        if since is None:
+            starts = [e["t"] for e in events if e["event"] == "run_start"]
+            trigger = {"kind": "start", "t": starts[-1] if starts else first_step_t}
+        else:
+            trigger = trigger_of(events, since, self.clock_marks)
+        marks = [(EVENT_MARKS[e["event"]], e["t"]) for e in events
+                 if e["event"] in EVENT_MARKS and e["t"] > (since or 0)]
+        marks += [m for m in self.clock_marks if m[1] > (since or 0)]
+        marks += list(worker_marks.items())
+        timeline = recovery_timeline(trigger, marks, first_step_t)
+        self.events.emit("recovery", world_size=world_size, step=step,
+                         warm_ranks=self.warm_ranks, **timeline)
+        self.previous_first_step_t = first_step_t
+        self._top_up_spares_soon()  # for the next restart, now that this one is done
+        self.clock_marks = [m for m in self.clock_marks if m[1] > first_step_t]
