@@ -56,13 +56,14 @@ def peak_live_bytes(events: list[AllocationEvent], held_at_end: set[int],
     end of the step that allocated it, or until its address is handed out again. Blocks
     allocated outside any step are never dropped.
     """
+    events = sorted(events)  # the profiler's tree is not in time order
     live: dict[int, int] = {}
-    for _, ptr, size in sorted(events):
+    for _, ptr, size in events:
         if size > 0:
             live[ptr] = size  # an address handed out again was freed before
         else:
             live.pop(ptr, None)
-    alloc_time = {ptr: t for t, ptr, size in events if size > 0}
+    alloc_time = {ptr: t for t, ptr, size in events if size > 0}  # each address's last
     unseen_frees: list[AllocationEvent] = []
     for ptr, size in live.items():
         if ptr in held_at_end:

@@ -43,3 +43,11 @@ def test_peak_live_bytes_replays_frees_seen_and_unseen() -> None:
     assert peak_live_bytes(events, held_at_end={0xB, 0xD, 0xE}, step_ends_ns=[]) == 320
     # Held at the end (optimizer states made in the first step): never dropped.
     assert peak_live_bytes(events, held_at_end={0xB, 0xC, 0xD, 0xE}, step_ends_ns=[10]) == 320
+
+
+def test_peak_live_bytes_takes_events_in_any_order() -> None:
+    """X freed unseen in step 1, handed out again in step 2 and freed unseen again: that block
+    goes at step 2's end, not step 1's (the profiler's event tree is not in time order)."""
+    events = [(1, 0xA1, 10), (11, 0xA1, 10), (15, 0xB, 100), (21, 0xC, 100)]
+    for ordered in (events, list(reversed(events))):
+        assert peak_live_bytes(ordered, held_at_end={0xB, 0xC}, step_ends_ns=[10, 20]) == 200
