@@ -3,6 +3,7 @@ CPU tensor bytes (what the memory benchmark scores the model against)."""
 
 from __future__ import annotations
 
+import bisect
 import gc
 import threading
 import time
@@ -51,28 +52,26 @@ def peak_live_bytes(events: list[AllocationEvent], held_at_end: set[int],
     another thread freed has no free event, so the profiler's own running total keeps it for
     good: twice in CI the total held one more of DeepSpeed's 8 MiB gradient buffers (allocated
     in its AccumulateGrad hook, so most likely released last by a communication thread). Such a
-    block is recognised because nothing holds it at
-    the end (`held_at_end`: the storage pointers of the live tensors); it is counted until the
-    end of the step that allocated it, or until its address is handed out again. Blocks
-    allocated outside any step are never dropped.
+    block is recognised because nothing holds it at the end (`held_at_end`: the storage
+    pointers of the live tensors); it is counted until the end of the step that allocated it,
+    or until its address is handed out again. Blocks allocated outside any step are never
+    dropped.
     """
     events = sorted(events)  # the profiler's tree is not in time order
-    live: dict[int, int] = {}
-    for _, ptr, size in events:
+    step_ends_ns = sorted(step_ends_ns)
+    allocated: dict[int, tuple[int, int]] = {}  # address -> (time, size) of its last allocation
+    for t, ptr, size in events:
         if size > 0:
-            live[ptr] = size  # an address handed out again was freed before
+            allocated[ptr] = (t, size)  # an address handed out again was freed before
         else:
-            live.pop(ptr, None)
-    alloc_time = {ptr: t for t, ptr, size in events if size > 0}  # each address's last
+            allocated.pop(ptr, None)
     unseen_frees: list[AllocationEvent] = []
-    for ptr, size in live.items():
-        if ptr in held_at_end:
-            continue
-        step_end = next((end for end in sorted(step_ends_ns) if end >= alloc_time[ptr]), None)
-        if step_end is not None:
-            unseen_frees.append((step_end, ptr, -size))
+    for ptr, (t, size) in allocated.items():
+        step = bisect.bisect_left(step_ends_ns, t)
+        if ptr not in held_at_end and step < len(step_ends_ns):
+            unseen_frees.append((step_ends_ns[step], ptr, -size))
     total = peak = 0
-    live = {}
+    live: dict[int, int] = {}
     for _, ptr, size in sorted(events + unseen_frees):
         if size > 0:
             total += size - live.get(ptr, 0)
