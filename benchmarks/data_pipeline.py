@@ -97,12 +97,22 @@ def time_datasets_map(corpus: Path, tokenizer_path: Path, work: Path, num_proc: 
         pairs = tokenize_rows(rows, tokenizer, "completion", TEMPLATE)  # as prepare does
         return {"input_ids": [p[0] for p in pairs], "labels": [p[1] for p in pairs]}
 
-    t0 = time.perf_counter()
-    ds = datasets.load_dataset("json", data_files=str(corpus), split="train",
-                               cache_dir=str(work / "hf-cache"))
-    ds.map(tokenise, batched=True, batch_size=1000, remove_columns=ds.column_names,
-           num_proc=num_proc if num_proc > 1 else None)
-    return time.perf_counter() - t0
+    # as elastic_ft's Ray Data tasks run (row_tasks.TASK_RUNTIME_ENV): one process per core,
+    # without the fast tokenizer's own thread pool in each
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        t0 = time.perf_counter()
+        ds = datasets.load_dataset("json", data_files=str(corpus), split="train",
+                                   cache_dir=str(work / "hf-cache"))
+        ds.map(tokenise, batched=True, batch_size=1000, remove_columns=ds.column_names,
+               num_proc=num_proc if num_proc > 1 else None)
+        return time.perf_counter() - t0
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 def data_wait_share(tiny_model: Path, work: Path) -> dict:

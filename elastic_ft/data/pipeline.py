@@ -1,7 +1,7 @@
 """The data pipeline: read -> normalise -> validate -> tokenise (Ray Data) -> dedup -> pack.
 
-The per-row stages run in Ray Data tasks, one per ~1 MiB of a JSON Lines file
-(`readers.source_chunks`), so a single large file is tokenised on every core; a task reads its
+The per-row stages run in Ray Data tasks, one per byte range (1-8 MiB) of a JSON Lines file
+(`readers.read_tasks`), so a single large file is tokenised on every core; a task reads its
 rows and processes them in the same process (`row_tasks`), and returns Arrow tables. The
 tables come back to the driver in source order and are deduplicated, counted
 (`ReportBuilder`), packed (`BlockPacker`) and written (`BlockWriter`) as they arrive, on their
@@ -28,9 +28,9 @@ from elastic_ft.data.eval_data import EVAL_DIR, clear_eval, is_held_out, write_e
 from elastic_ft.data.formats import FormatError, apply_columns, detect_format
 from elastic_ft.data.pack import BlockPacker, Blocks, Samples
 from elastic_ft.data.prepared import BlockWriter, PreparedData
-from elastic_ft.data.readers import expand_sources, sample_records, source_chunks
+from elastic_ft.data.readers import expand_sources, read_tasks, sample_records
 from elastic_ft.data.report import DataQualityError, DataReport, ReportBuilder
-from elastic_ft.data.row_tasks import process_local, process_ray
+from elastic_ft.data.row_tasks import process_local, process_ray, ray_cpus
 from elastic_ft.data.tokenize import load_tokenizer
 from elastic_ft.data.validate import Quarantine, Reason
 
@@ -91,8 +91,8 @@ def screened_samples(cfg: DataConfig, formats: dict[str, str], tokenizer_path: s
     duplicates go to the quarantine file with their reason. The driver holds one batch, and
     the digests of the kept rows (for exact dedup: ~150 bytes a row)."""
     run = process_ray if engine == "ray" else process_local
-    chunks = [dict(chunk, fmt=fmt) for source, fmt in formats.items()
-              for chunk in source_chunks(source)]
+    chunks = [dict(task, fmt=formats[task["source"]]) for task in read_tasks(
+        list(formats), ray_cpus() if engine == "ray" else 1)]
     seen: set[bytes] = set()
     with Quarantine(quarantine_path) as quarantine:
         for table in run(chunks, tokenizer_path, cfg.model_dump_json(), trust_remote_code):
@@ -108,7 +108,7 @@ def screened_samples(cfg: DataConfig, formats: dict[str, str], tokenizer_path: s
                     duplicates[i] = "exact duplicate of an earlier row"
                 else:
                     seen.add(digest)
-            report.add_rows(table.column("source").to_pylist(), reasons,
+            report.add_rows(table.column("source"), reasons,
                             table.column("n_tokens").to_numpy(),
                             table.column("truncated").to_numpy(zero_copy_only=False))
             _quarantine_rejects(table, reasons, duplicates, quarantine)

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from elastic_ft.data.pack import Blocks
 
@@ -97,15 +99,18 @@ class ReportBuilder:
         self.by_source: dict[str, dict[str, int]] = {}
         self.blocks = self.real_tokens = self.trainable_tokens = 0
 
-    def add_rows(self, sources: list[str], reasons: list[str], n_tokens: np.ndarray,
+    def add_rows(self, sources: pa.ChunkedArray, reasons: list[str], n_tokens: np.ndarray,
                  truncated: np.ndarray) -> None:
         """A batch of rows: their sources, reasons ("" for kept), token counts, truncations."""
         self.rows += len(reasons)
         kept = np.array([not r for r in reasons], dtype=bool)
-        for source, is_kept in zip(sources, kept.tolist(), strict=True):
-            entry = self.by_source.setdefault(source, {"rows": 0, "kept": 0})
-            entry["rows"] += 1
-            entry["kept"] += is_kept
+        # counted per source in Arrow: a batch has a few sources and many rows
+        for key, values in (("rows", sources), ("kept", sources.filter(pa.array(kept)))):
+            counts = pc.value_counts(values)
+            for source, count in zip(counts.field("values").to_pylist(),
+                                     counts.field("counts").to_pylist(), strict=True):
+                entry = self.by_source.setdefault(source, {"rows": 0, "kept": 0})
+                entry[key] += count
         lengths, counts = np.unique(n_tokens[n_tokens > 0], return_counts=True)
         self.lengths.update(dict(zip(lengths.tolist(), counts.tolist(), strict=True)))
         self.reasons.update(r for r in reasons if r)

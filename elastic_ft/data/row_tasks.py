@@ -1,6 +1,6 @@
 """What a data task does with its rows: read, normalise, validate, tokenise, into Arrow.
 
-One read task (`readers.source_chunks`) reads its rows and processes them in the same
+One read task (`readers.read_tasks`) reads its rows and processes them in the same
 process, so the parsed records never cross a process; the result is Arrow tables of
 `ROW_SCHEMA`, a batch of rows each, whose reason column is empty for a kept row. The same
 tables come from Ray Data tasks (`process_ray`, in source order) and from this process
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,14 @@ ROW_SCHEMA = pa.schema([
     ("reason", pa.string()), ("detail", pa.string()), ("input_ids", pa.list_(pa.int32())),
     ("labels", pa.list_(pa.int32())), ("n_tokens", pa.int32()), ("truncated", pa.bool_()),
     ("content_hash", pa.string())])
+OUTPUT_BLOCK_BYTES = 8 << 20
+# Ray Data already runs a task per CPU; the fast tokenizer's own thread pool in each would
+# only take the other tasks' cores (a worker spent ~20% more CPU per row with it). The same
+# as `datasets.map(num_proc=...)`, whose forked processes turn it off.
+TASK_RUNTIME_ENV = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+# `json.dumps(row, sort_keys=True)`, without building an encoder per row: a row's content hash
+# (exact dedup, and which rows the eval split holds out)
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True)
 
 
 def process_batch(raws: list[dict[str, Any]], fmt: str, tokenizer: Any, cfg: DataConfig
@@ -51,8 +60,9 @@ def process_batch(raws: list[dict[str, Any]], fmt: str, tokenizer: Any, cfg: Dat
     tokenized = iter(tokenize_rows(ok_rows, tokenizer, cfg.train_on, cfg.template,
                                    tuple(cfg.roles_to_train), refused))
     ok_index = iter(range(len(ok_rows)))
-    out: dict[str, list[Any]] = {name: [] for name in ROW_SCHEMA.names}
-    for raw, row, (reason, detail) in zip(raws, canonical, reasons, strict=True):
+    final_reasons, details, hashes = [], [], []
+    all_ids, all_labels, all_n_tokens, all_truncated = [], [], [], []
+    for row, (reason, detail) in zip(canonical, reasons, strict=True):
         ids: list[int] = []
         labels: list[int] = []
         truncated = False
@@ -70,23 +80,23 @@ def process_batch(raws: list[dict[str, Any]], fmt: str, tokenizer: Any, cfg: Dat
                     ids, labels, truncated = ids[: cfg.seq_len], labels[: cfg.seq_len], True
             if not reason and count_trainable(labels) == 0:
                 reason, detail = Reason.NO_TRAINABLE_TOKENS.value, "every label is masked"
-        out["source"].append(raw["source"])
-        out["row"].append(raw["row"])
-        out["payload"].append(raw["payload"])
-        out["reason"].append(reason)
-        out["detail"].append(detail)
-        out["input_ids"].append(ids if not reason else [])
-        out["labels"].append(labels if not reason else [])
-        out["n_tokens"].append(n_tokens)
-        out["truncated"].append(truncated)
-        out["content_hash"].append(
-            hashlib.sha1(json.dumps(row, sort_keys=True).encode()).hexdigest() if row else "")
-    return pa.table(out, schema=ROW_SCHEMA)
+        final_reasons.append(reason)
+        details.append(detail)
+        all_ids.append(ids if not reason else [])
+        all_labels.append(labels if not reason else [])
+        all_n_tokens.append(n_tokens)
+        all_truncated.append(truncated)
+        hashes.append(hashlib.sha1(_CANONICAL_JSON.encode(row).encode()).hexdigest()
+                      if row else "")
+    return pa.table([
+        [raw["source"] for raw in raws], [raw["row"] for raw in raws],
+        [raw["payload"] for raw in raws], final_reasons, details, all_ids, all_labels,
+        all_n_tokens, all_truncated, hashes], schema=ROW_SCHEMA)
 
 
 def process_chunk(chunk: dict[str, Any], tokenizer_path: str, cfg_json: str,
                   trust_remote_code: bool, batch_rows: int = 512) -> Iterator[pa.Table]:
-    """One read task (`readers.source_chunks`): its rows read and processed in batches, in
+    """One read task (`readers.read_tasks`): its rows read and processed in batches, in
     the process that reads them (the parsed records never cross a process)."""
     cfg = DataConfig.model_validate_json(cfg_json)
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
@@ -108,6 +118,16 @@ def _chunk_task(batch: pa.Table, tokenizer_path: str, cfg_json: str,
         yield from process_chunk(chunk, tokenizer_path, cfg_json, trust_remote_code)
 
 
+def ray_cpus() -> int:
+    """The CPUs Ray Data's read tasks share: the cluster's, or this machine's when Ray is not
+    started yet (Ray Data then starts a local one)."""
+    import ray
+
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return os.cpu_count() or 1
+
+
 def process_ray(chunks: list[dict[str, Any]], tokenizer_path: str, cfg_json: str,
                  trust_remote_code: bool) -> Iterator[pa.Table]:
     """The processed rows in source order, one Ray Data task per read chunk (a JSON Lines
@@ -117,7 +137,11 @@ def process_ray(chunks: list[dict[str, Any]], tokenizer_path: str, cfg_json: str
 
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     ds.context.execution_options.preserve_order = True  # quarantine and packing follow the file
+    # a read task's output leaves it in blocks of this size as it goes, not as one block at
+    # its end: the driver holds one small block at a time (1M rows: 160 MB over its start
+    # against 570 MB with Ray Data's 128 MiB default)
+    ds.context.target_max_block_size = OUTPUT_BLOCK_BYTES
     ds = ds.map_batches(_chunk_task, batch_size=1, batch_format="pyarrow", fn_kwargs={
         "tokenizer_path": tokenizer_path, "cfg_json": cfg_json,
-        "trust_remote_code": trust_remote_code})
+        "trust_remote_code": trust_remote_code}, runtime_env=TASK_RUNTIME_ENV)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -8,6 +8,7 @@ import json
 import tracemalloc
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pytest
 
@@ -15,9 +16,23 @@ from elastic_ft.config import DataConfig
 from elastic_ft.data.pack import BlockPacker, Samples, pack_samples
 from elastic_ft.data.pipeline import prepare_data
 from elastic_ft.data.prepared import BLOCKS_FILE, BlockWriter, PreparedData, write_blocks
-from elastic_ft.data.readers import CHUNK_BYTES, source_chunks
+from elastic_ft.data.readers import MIN_CHUNK_BYTES, read_tasks
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _environ(process: psutil.Process) -> dict[str, str]:
+    try:
+        return process.environ()
+    except (psutil.Error, OSError):
+        return {}
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except (psutil.Error, OSError):
+        return []
 
 
 def _corpus(path: Path, rows: int) -> Path:
@@ -39,12 +54,15 @@ def _corpus(path: Path, rows: int) -> Path:
 def test_parallel_read_tasks_give_the_local_result_in_file_order(tmp_path, tiny_assets,
                                                                    ray_local) -> None:
     corpus = _corpus(tmp_path / "big.jsonl", 16_000)
-    assert corpus.stat().st_size > CHUNK_BYTES
-    assert len(source_chunks(str(corpus))) == 2  # read as 2 parallel tasks
+    assert corpus.stat().st_size > MIN_CHUNK_BYTES
+    assert len(read_tasks([str(corpus)], parallelism=2)) == 2  # read as 2 parallel tasks
     cfg = DataConfig(paths=[str(corpus)], seq_len=128)
     tokenizer = str(tiny_assets.parent / "tokenizer")
     by_ray, ray_report = prepare_data(cfg, tokenizer, tmp_path / "ray", engine="ray")
     by_local, local_report = prepare_data(cfg, tokenizer, tmp_path / "local", engine="local")
+    # the read tasks ran without the fast tokenizer's own threads (one task per CPU already)
+    assert any(_environ(p).get("TOKENIZERS_PARALLELISM") == "false"
+               for p in psutil.process_iter() if "ray::" in " ".join(_cmdline(p)))
     assert ray_report == local_report
     assert ray_report.rejected_by_reason == {"duplicate": 11, "invalid_json": 17}
     assert by_ray.table.equals(by_local.table)  # same blocks, same order
