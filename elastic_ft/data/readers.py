@@ -20,7 +20,9 @@ from elastic_ft.data.validate import Reason
 __all__ = ["SourceError", "expand_sources", "read_chunk", "read_source", "read_tasks",
            "sample_records"]
 MIN_CHUNK_BYTES = 1 << 20  # a read task of a JSON Lines file: ~12k short alpaca rows
-MAX_CHUNK_BYTES = 8 << 20  # its output (ids, labels, payload) is ~7x: a ~60 MB block
+# bounds what a task holds and, as output keeps the file's order, the output (~7x the range)
+# that waits in the object store behind an earlier, longer task
+MAX_CHUNK_BYTES = 8 << 20
 
 _PLAIN_TYPES = frozenset({str, int, bool, list, dict, type(None)})  # JSON's: nothing to clean
 

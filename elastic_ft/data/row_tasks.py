@@ -60,8 +60,13 @@ def process_batch(raws: list[dict[str, Any]], fmt: str, tokenizer: Any, cfg: Dat
     tokenized = iter(tokenize_rows(ok_rows, tokenizer, cfg.train_on, cfg.template,
                                    tuple(cfg.roles_to_train), refused))
     ok_index = iter(range(len(ok_rows)))
-    final_reasons, details, hashes = [], [], []
-    all_ids, all_labels, all_n_tokens, all_truncated = [], [], [], []
+    final_reasons: list[str] = []
+    details: list[str] = []
+    hashes: list[str] = []
+    all_ids: list[list[int]] = []
+    all_labels: list[list[int]] = []
+    all_n_tokens: list[int] = []
+    all_truncated: list[bool] = []
     for row, (reason, detail) in zip(canonical, reasons, strict=True):
         ids: list[int] = []
         labels: list[int] = []
