@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -85,6 +86,7 @@ def time_datasets_map(corpus: Path, tokenizer_path: Path, work: Path, num_proc: 
     import datasets
 
     from elastic_ft.data.formats import normalise
+    from elastic_ft.data.row_tasks import TASK_RUNTIME_ENV
     from elastic_ft.data.tokenize import load_tokenizer, tokenize_rows
 
     datasets.disable_caching()
@@ -97,22 +99,15 @@ def time_datasets_map(corpus: Path, tokenizer_path: Path, work: Path, num_proc: 
         pairs = tokenize_rows(rows, tokenizer, "completion", TEMPLATE)  # as prepare does
         return {"input_ids": [p[0] for p in pairs], "labels": [p[1] for p in pairs]}
 
-    # as elastic_ft's Ray Data tasks run (row_tasks.TASK_RUNTIME_ENV): one process per core,
-    # without the fast tokenizer's own thread pool in each
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
+    # in the environment elastic_ft's read tasks get: one process per core, without the fast
+    # tokenizer's own thread pool in each
+    with patch.dict(os.environ, TASK_RUNTIME_ENV["env_vars"]):
         t0 = time.perf_counter()
         ds = datasets.load_dataset("json", data_files=str(corpus), split="train",
                                    cache_dir=str(work / "hf-cache"))
         ds.map(tokenise, batched=True, batch_size=1000, remove_columns=ds.column_names,
                num_proc=num_proc if num_proc > 1 else None)
         return time.perf_counter() - t0
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 def data_wait_share(tiny_model: Path, work: Path) -> dict:

@@ -133,15 +133,15 @@ def read_tasks(sources: list[str], parallelism: int = 1,
     of them, within [min, max]. Early ranges are large, so a run has few tasks (each task
     boundary leaves a core idle for ~0.15 s while Ray Data dispatches the next); late ranges
     are small, so the cores finish together instead of one waiting on the last long task.
-    The max bounds what a task and its output block hold. Lines are counted a buffer at a
-    time, holding one range."""
+    The max bounds what a task holds, and the output that waits behind an earlier task (the
+    output keeps the file's order). Lines are counted a buffer at a time, holding one range."""
     remaining = sum(Path(s).stat().st_size for s in sources if _is_jsonl_file(s))
     tasks: list[dict[str, Any]] = []
     for source in sources:
         if not _is_jsonl_file(source):
             tasks.append({"source": source})
             continue
-        start, first_row, cut = 0, 1, 0
+        start, first_row = 0, 1
         with open(source, "rb") as f:
             while data := f.read(max(min_chunk_bytes, min(
                     max_chunk_bytes, remaining // (2 * max(1, parallelism))))):
@@ -150,8 +150,7 @@ def read_tasks(sources: list[str], parallelism: int = 1,
                               "first_row": first_row})
                 start, first_row = start + len(data), first_row + data.count(b"\n")
                 remaining -= len(data)
-                cut += 1
-        if not cut:
+        if not start:  # an empty file: one empty range, as before
             tasks.append({"source": source, "start": 0, "end": 0, "first_row": 1})
     return tasks
 

@@ -21,20 +21,6 @@ from elastic_ft.data.readers import MIN_CHUNK_BYTES, read_tasks
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _environ(process: psutil.Process) -> dict[str, str]:
-    try:
-        return process.environ()
-    except (psutil.Error, OSError):
-        return {}
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except (psutil.Error, OSError):
-        return []
-
-
 def _corpus(path: Path, rows: int) -> Path:
     """Alpaca rows made unique, with a bad line, a blank line and a duplicate every so often."""
     base = [json.loads(x) for x in (ROOT / "data" / "sample" / "alpaca.jsonl").read_text()
@@ -61,8 +47,9 @@ def test_parallel_read_tasks_give_the_local_result_in_file_order(tmp_path, tiny_
     by_ray, ray_report = prepare_data(cfg, tokenizer, tmp_path / "ray", engine="ray")
     by_local, local_report = prepare_data(cfg, tokenizer, tmp_path / "local", engine="local")
     # the read tasks ran without the fast tokenizer's own threads (one task per CPU already)
-    assert any(_environ(p).get("TOKENIZERS_PARALLELISM") == "false"
-               for p in psutil.process_iter() if "ray::" in " ".join(_cmdline(p)))
+    assert any((p.info["environ"] or {}).get("TOKENIZERS_PARALLELISM") == "false"
+               for p in psutil.process_iter(["cmdline", "environ"])
+               if "ray::" in " ".join(p.info["cmdline"] or []))
     assert ray_report == local_report
     assert ray_report.rejected_by_reason == {"duplicate": 11, "invalid_json": 17}
     assert by_ray.table.equals(by_local.table)  # same blocks, same order
