@@ -115,8 +115,9 @@ def screened_samples(cfg: DataConfig, formats: dict[str, str], tokenizer_path: s
             kept = [i for i, reason in enumerate(reasons) if not reason]
             if not kept:
                 continue
-            rows = table.select(["source", "row", "input_ids", "labels"]).take(
-                pa.array(kept, pa.int64()))
+            rows = table.select(["source", "row", "input_ids", "labels"])
+            if len(kept) < len(reasons):  # most batches keep every row: no copy of the tokens
+                rows = rows.take(pa.array(kept, pa.int64()))
             rows = rows.append_column("sample_id", pc.binary_join_element_wise(
                 rows.column("source"), pc.cast(rows.column("row"), pa.string()), ":"))
             yield Samples.from_arrow(rows), [hashes[i] for i in kept]

@@ -9,11 +9,13 @@ tables come from Ray Data tasks (`process_ray`, in source order) and from this p
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import json
 import os
 from collections.abc import Iterator
+from functools import cache
 from typing import Any
 
 import pyarrow as pa
@@ -117,8 +119,22 @@ def process_local(chunks: list[dict[str, Any]], tokenizer_path: str, cfg_json: s
         yield from process_chunk(chunk, tokenizer_path, cfg_json, trust_remote_code)
 
 
+@cache
+def settle_data_worker(tokenizer_path: str, trust_remote_code: bool) -> None:
+    """Once per data worker process (and tokenizer): load the tokenizer, then take every
+    object alive now (Ray, transformers, jinja, the tokenizer: ~250k) out of the cyclic
+    garbage collector's reach. Tokenising allocates millions of short-lived lists, and every
+    full collection would rescan all of them: 9% of the tasks' time (200k rows, 17.5 s
+    against 16.0 s). These processes run only data tasks (`TASK_RUNTIME_ENV` gives them a
+    worker pool of their own), so what is frozen lives as long as they do anyway."""
+    load_tokenizer(tokenizer_path, trust_remote_code)
+    gc.collect()
+    gc.freeze()
+
+
 def _chunk_task(batch: pa.Table, tokenizer_path: str, cfg_json: str,
                 trust_remote_code: bool) -> Iterator[pa.Table]:
+    settle_data_worker(tokenizer_path, trust_remote_code)
     for chunk in batch.to_pylist():
         yield from process_chunk(chunk, tokenizer_path, cfg_json, trust_remote_code)
 

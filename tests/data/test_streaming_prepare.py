@@ -5,6 +5,8 @@ arrive, so its memory does not grow with the row count."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -107,3 +109,30 @@ def test_block_writer_streams_record_batches_and_aborts_cleanly(tmp_path) -> Non
     failed.abort()
     assert sorted(p.name for p in (tmp_path / "stream").iterdir()) == [BLOCKS_FILE]
     assert PreparedData.open(tmp_path / "stream").table.equals(reference.table)
+
+
+def test_a_data_worker_takes_its_long_lived_objects_out_of_the_collectors_reach(
+        tmp_path, tiny_assets) -> None:
+    """A read task freezes what its process holds once the tokenizer is loaded (`gc.freeze`),
+    so tokenising millions of short-lived lists does not rescan it on every full collection.
+    In a child process: a freeze is for the life of the process that makes it."""
+    corpus = _corpus(tmp_path / "c.jsonl", 300)
+    code = """
+import gc, sys
+import pyarrow as pa
+from elastic_ft.config import DataConfig
+from elastic_ft.data.readers import read_tasks
+from elastic_ft.data.row_tasks import _chunk_task
+before = gc.get_freeze_count()
+chunk = dict(read_tasks([sys.argv[1]])[0], fmt="alpaca")
+cfg_json = DataConfig(paths=[sys.argv[1]]).model_dump_json()
+rows = sum(len(t) for t in _chunk_task(pa.Table.from_pylist([chunk]), sys.argv[2], cfg_json,
+                                       False))
+print(before, gc.get_freeze_count(), rows)
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(corpus),
+                          str(tiny_assets.parent / "tokenizer")], capture_output=True,
+                         text=True, check=True).stdout.split()
+    before, frozen, rows = map(int, out)
+    assert rows == 300 + 1 + 1  # every line, the cut-short one and the duplicate included
+    assert before == 0 and frozen > 50_000, (before, frozen)
