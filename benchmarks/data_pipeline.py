@@ -86,15 +86,13 @@ def time_elastic_ft(corpus: Path, tokenizer: Path, work: Path, engine: str
 
 def time_datasets_map(corpus: Path, tokenizer_path: Path, work: Path, num_proc: int,
                       gc_frozen: bool = False) -> float:
-    """`gc_frozen`: each worker also freezes its heap on its first batch, as elastic_ft's
-    read tasks do (`row_tasks.settle_data_worker`): what a user of `datasets.map` could add
+    """`gc_frozen`: each worker also freezes its heap on its first batch with elastic_ft's
+    read tasks' own `row_tasks.settle_data_worker`: what a user of `datasets.map` could add
     by hand, measured so the ratio is not read as more than it is."""
-    import gc
-
     import datasets
 
     from elastic_ft.data.formats import normalise
-    from elastic_ft.data.row_tasks import TASK_RUNTIME_ENV
+    from elastic_ft.data.row_tasks import TASK_RUNTIME_ENV, settle_data_worker
     from elastic_ft.data.tokenize import load_tokenizer, tokenize_rows
 
     datasets.disable_caching()
@@ -102,9 +100,8 @@ def time_datasets_map(corpus: Path, tokenizer_path: Path, work: Path, num_proc: 
     tokenizer = load_tokenizer(str(tokenizer_path))
 
     def tokenise(batch: dict) -> dict:
-        if gc_frozen and not gc.get_freeze_count():
-            gc.collect()
-            gc.freeze()
+        if gc_frozen:  # once per process (cached); not `gc.get_freeze_count()`, which walks
+            settle_data_worker(str(tokenizer_path), False)  # every frozen object per call
         rows = [normalise(dict(zip(batch, values, strict=True)), "alpaca")
                 for values in zip(*batch.values(), strict=True)]
         pairs = tokenize_rows(rows, tokenizer, "completion", TEMPLATE)  # as prepare does
