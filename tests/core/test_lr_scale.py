@@ -8,6 +8,8 @@ from elastic_ft.config import load_config
 from tests.conftest import ROOT
 
 
+# the test moves the schedule on without training steps, which torch warns of
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_lr_scale_of_the_new_plan_survives_loading_the_scheduler_state(tmp_path,
                                                                        tiny_assets) -> None:
     from elastic_ft.core.engine import apply_lr_scale, build_engine, lr_lambda
